@@ -1,0 +1,1 @@
+"""Measurement and analysis tools: FLOPs, benchmarks, interpretability."""

@@ -1,0 +1,413 @@
+"""Grain input pipeline: tfds array_record sources -> per-process numpy batches.
+
+Every process builds the same globally shuffled stream of examples, cuts it
+into global batches of `global_batch_size`, and reads only its own contiguous
+slice of each: process p of P gets rows [p*b, (p+1)*b) with b = global / P, so
+`jax.make_array_from_process_local_data` reassembles exactly the batch a
+single process would have seen. The stream is a grain `MapDataset`, so the
+iterator's state is a position and a resumed run sees the same next batches.
+
+Batches are numpy dicts {"image": uint8 [b, H, W, C], "label": int32 [b]};
+eval batches add "mask": bool [b], False on padding. Normalisation and
+augmentation happen on device (`hybrid_jax.data.augment`), not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
+
+from hybrid_jax.data.builders.fashion_mnist import HybridFashionMnist
+
+# Names served by our offline builders instead of the tfds catalogue (whose
+# fashion_mnist would need a download).
+EMBEDDED_BUILDERS = {
+    "fashion_mnist": HybridFashionMnist,
+    "hybrid_fashion_mnist": HybridFashionMnist,
+}
+DATA_DIR_ENV = "TFDS_DATA_DIR"
+_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+
+Batch = dict[str, np.ndarray]
+
+
+class DataError(ValueError):
+    """A dataset is missing, unprepared, empty or not what the caller expects."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What a model and loop need to know about one split before training."""
+
+    num_examples: int
+    image_shape: tuple[int, int, int]  # after the optional resize
+    num_classes: int
+
+
+# --------------------------------------------------------------------------- #
+# Sources
+# --------------------------------------------------------------------------- #
+
+
+def default_data_dir() -> str:
+    """Where tfds datasets live unless the caller says otherwise (tfds's own rule)."""
+    return os.environ.get(DATA_DIR_ENV) or os.path.expanduser("~/tensorflow_datasets")
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+    """The command that prepares a catalogue dataset in a form we can read."""
+    manual = " --manual_dir=DIR_WITH_THE_TARS" if name.startswith("imagenet2012") else ""
+    return (
+        f"Prepare it once where internet (and, for datasets built from numpy "
+        f"arrays such as cifar10, TensorFlow) is available: run "
+        f"`tfds build {name} --file_format=array_record --data_dir={data_dir}{manual}`, "
+        f"or copy an array_record copy of it into {data_dir}."
+    )
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+    """Returns a prepared tfds builder; embedded datasets prepare themselves once."""
+    data_dir = data_dir or default_data_dir()
+    if name in EMBEDDED_BUILDERS:
+        builder = EMBEDDED_BUILDERS[name](data_dir=data_dir)
+        if not builder.is_prepared():
+            builder.download_and_prepare()
+        return builder
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(
+            f"Unknown dataset {name!r}: neither one of ours ({sorted(EMBEDDED_BUILDERS)}) "
+            f"nor in the tfds catalogue. Check the spelling (see `tfds.list_builders()`)."
+        ) from e
+    if not builder.is_prepared():
+        raise DataError(
+            f"Dataset {name!r} is not prepared in {data_dir}. {_prepare_hint(name, data_dir)}"
+        )
+    return builder
+
+
+def load_source(
+    name: str, split: str, data_dir: str | None = None
+) -> tuple[Sequence[Mapping[str, Any]], tfds.core.DatasetInfo]:
+    """Opens one split (tfds slicing like "train[:10%]" allowed) for random access."""
+    data_dir = data_dir or default_data_dir()
+    builder = get_builder(name, data_dir)
+    try:
+        num_examples = builder.info.splits[split].num_examples
+    except (ValueError, KeyError) as e:
+        raise DataError(
+            f"Split {split!r} of {name!r} cannot be read ({e}). "
+            f"Available splits: {sorted(builder.info.splits)}."
+        ) from e
+    # Checked before opening: tfds cannot open an empty read instruction at all.
+    if num_examples <= 0:
+        raise DataError(f"Split {split!r} of {name!r} is empty; choose another split or slice.")
+    try:
+        source = builder.as_data_source(split=split)
+    except NotImplementedError as e:  # stored as tfrecord, which needs TensorFlow
+        raise DataError(
+            f"Dataset {name!r} in {data_dir} is not stored as array_record, which grain "
+            f"needs. {_prepare_hint(name, data_dir)}"
+        ) from e
+    return source, builder.info
+
+
+# --------------------------------------------------------------------------- #
+# Validation and per-example transforms
+# --------------------------------------------------------------------------- #
+
+
+def _output_shape(
+    name: str, info: tfds.core.DatasetInfo, resize: tuple[int, int] | None
+) -> tuple[int, int, int]:
+    """Checks the stored image feature is uint8 and derives the batched image shape."""
+    missing = {"image", "label"} - set(info.features.keys())
+    if missing:
+        raise DataError(
+            f"{name!r} lacks the feature(s) {sorted(missing)}; this pipeline reads "
+            f"supervised image datasets with 'image' and 'label' features."
+        )
+    feature = info.features["image"]
+    stored_shape, dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
+    if dtype != np.uint8 or len(stored_shape) != 3 or stored_shape[-1] is None:
+        raise DataError(
+            f"{name!r} stores images as {dtype} {stored_shape}; this pipeline needs "
+            f"uint8 [H, W, C]. Convert the dataset or add a decoder for it."
+        )
+    if resize is not None:
+        return (*resize, stored_shape[-1])
+    if None in stored_shape:
+        raise DataError(
+            f"{name!r} has images of varying size {stored_shape}; pass resize=(H, W) "
+            f"so they can be batched."
+        )
+    return stored_shape
+
+
+def _check_expected(
+    name: str, actual: tuple[int, int, int], expected: Sequence[int] | None
+) -> None:
+    """Fails early, naming the fix, when the data would not fit the model."""
+    if expected is None or tuple(expected) == actual:
+        return
+    if len(expected) != 3:
+        raise DataError(f"image_shape must be (H, W, C), got {tuple(expected)}.")
+    fixes = []
+    if tuple(expected[:2]) != actual[:2]:
+        fixes.append(
+            f"pass resize={tuple(expected[:2])} or set the model's image size to {actual[:2]}"
+        )
+    if expected[-1] != actual[-1]:
+        fixes.append(
+            f"set the model's input channels to {actual[-1]} (channels are never converted)"
+        )
+    raise DataError(
+        f"{name!r} yields images of shape {actual} but {tuple(expected)} was expected: "
+        + "; ".join(fixes)
+        + "."
+    )
+
+
+def _to_example(
+    record: Mapping[str, Any], resize: tuple[int, int] | None, method: str
+) -> dict[str, np.ndarray]:
+    """Keeps image and label with fixed dtypes, resizing only when asked."""
+    image = np.asarray(record["image"], dtype=np.uint8)
+    if resize is not None and image.shape[:2] != tuple(resize):
+        grey = image.shape[-1] == 1
+        pil = Image.fromarray(image[..., 0] if grey else image)
+        # PIL sizes are (width, height).
+        image = np.asarray(pil.resize(resize[::-1], _RESAMPLE[method]), dtype=np.uint8)
+        image = image[..., None] if grey else image
+    return {"image": image, "label": np.int32(record["label"])}
+
+
+def _check_first_example(
+    name: str,
+    source: Sequence[Mapping[str, Any]],
+    shape: tuple[int, int, int],
+    resize: tuple[int, int] | None,
+    method: str,
+) -> None:
+    """Decodes one record so a feature/data mismatch fails here, not mid-training."""
+    image = _to_example(source[0], resize, method)["image"]
+    if image.shape != shape:
+        raise DataError(
+            f"{name!r}: first image decodes to {image.shape}, but its feature spec says "
+            f"{shape}; the prepared data is inconsistent, rebuild it."
+        )
+
+
+def _with_mask(example: dict[str, np.ndarray], valid: bool) -> dict[str, np.ndarray]:
+    """Marks whether an eval example is real or padding."""
+    return {**example, "mask": np.bool_(valid)}
+
+
+def _padding_example(shape: tuple[int, int, int], index: int) -> dict[str, np.ndarray]:
+    """A blank example that fills the last eval batch and is masked out."""
+    del index
+    return {"image": np.zeros(shape, np.uint8), "label": np.int32(0), "mask": np.bool_(False)}
+
+
+# --------------------------------------------------------------------------- #
+# Sharding and assembly
+# --------------------------------------------------------------------------- #
+
+
+def _per_process_batch_size(
+    global_batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
+    """Resolves the process layout and the rows each process contributes."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise DataError(f"process_index {index} is outside 0..{count - 1}.")
+    if global_batch_size <= 0 or global_batch_size % count:
+        raise DataError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of the "
+            f"process count {count}."
+        )
+    return global_batch_size // count, index, count
+
+
+def _shard_batches(
+    ds: grain.MapDataset, batch_size: int, index: int, count: int
+) -> grain.MapDataset:
+    """Cuts the stream into per-process chunks and keeps this process's one of each global batch."""
+    ds = ds.batch(batch_size, drop_remainder=True)
+    # Chunk k*count + index is this process's part of global batch k; stopping at a
+    # whole number of global batches keeps every process at the same step count.
+    num_global = len(ds) // count
+    return ds[index : num_global * count : count]
+
+
+def _finish(ds: grain.MapDataset, worker_count: int, read_threads: int) -> grain.IterDataset:
+    """Turns the index-addressable pipeline into a checkpointable iterable."""
+    # Elements are whole batches here, so grain's default 500-element buffer
+    # would hold gigabytes of ImageNet; a couple per thread keeps threads busy.
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
+    it_ds = ds.to_iter_dataset(options)
+    if worker_count > 0:
+        # Grain workers read absl flags; outside an absl app (tests, notebooks)
+        # nothing parsed them, so accept their defaults rather than crash.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it_ds
+
+
+def _open(
+    name: str,
+    split: str,
+    data_dir: str | None,
+    image_shape: Sequence[int] | None,
+    resize: tuple[int, int] | None,
+    resize_method: str,
+) -> tuple[Sequence[Mapping[str, Any]], tuple[int, int, int]]:
+    """Opens and validates a split, returning it with its batched image shape."""
+    if resize_method not in _RESAMPLE:
+        raise DataError(f"resize_method {resize_method!r} is not one of {sorted(_RESAMPLE)}.")
+    source, info = load_source(name, split, data_dir)
+    shape = _output_shape(name, info, tuple(resize) if resize else None)
+    _check_expected(name, shape, image_shape)
+    _check_first_example(name, source, shape, resize, resize_method)
+    return source, shape
+
+
+def _fraction_size(name: str, split: str, num_examples: int, fraction: float) -> int:
+    """Converts a train fraction to an example count, rejecting empty subsets."""
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"train_fraction must be in (0, 1], got {fraction}.")
+    size = int(round(num_examples * fraction))
+    if size == 0:
+        raise DataError(f"train_fraction {fraction} of {name!r} {split!r} leaves no examples.")
+    return size
+
+
+# --------------------------------------------------------------------------- #
+# Public entry points
+# --------------------------------------------------------------------------- #
+
+
+def describe(
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    resize: tuple[int, int] | None = None,
+) -> DatasetSpec:
+    """Reports size, image shape and class count so the loop can size model and schedule."""
+    source, info = load_source(name, split, data_dir)
+    shape = _output_shape(name, info, tuple(resize) if resize else None)
+    return DatasetSpec(len(source), shape, info.features["label"].num_classes)
+
+
+def make_train_dataset(
+    name: str,
+    *,
+    global_batch_size: int,
+    split: str = "train",
+    data_dir: str | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    train_fraction: float | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    read_threads: int = 8,
+    image_shape: Sequence[int] | None = None,
+    resize: tuple[int, int] | None = None,
+    resize_method: str = "bilinear",
+) -> grain.IterDataset:
+    """Builds the shuffled, repeated, per-process-sharded training stream.
+
+    Args:
+      name: tfds name ("fashion_mnist" is built offline from the Debian package).
+      global_batch_size: examples per step summed over all processes.
+      split: tfds split, slicing allowed ("train[:10%]").
+      data_dir: tfds data directory; defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets.
+      seed: shuffle seed; each epoch is reshuffled deterministically from it.
+      shuffle: False keeps stored order (debugging).
+      num_epochs: passes over the data; None repeats forever. Batches run across
+        epoch boundaries; a final partial global batch is dropped.
+      train_fraction: keep only the first fraction of the split (nested subsets
+        for dataset-size ablations; tfds already stores examples shuffled).
+      process_index / process_count: default to jax.process_index()/process_count().
+      worker_count: grain worker processes; 0 reads in this process.
+      read_threads: threads reading batches in each process (or worker).
+      image_shape: expected (H, W, C) after resizing; a mismatch is an error.
+      resize: (H, W) to resize to; None keeps stored size.
+      resize_method: "bilinear" or "nearest".
+
+    Returns:
+      A grain IterDataset; `iter()` gives a DatasetIterator of dicts
+      {"image": uint8 [b, H, W, C], "label": int32 [b]} whose `get_state()` /
+      `set_state()` save and restore the position.
+    """
+    batch_size, index, count = _per_process_batch_size(
+        global_batch_size, process_index, process_count
+    )
+    source, _ = _open(name, split, data_dir, image_shape, resize, resize_method)
+    ds = grain.MapDataset.source(source)
+    if train_fraction is not None:
+        ds = ds[: _fraction_size(name, split, len(source), train_fraction)]
+    if len(ds) < global_batch_size:
+        raise DataError(
+            f"{name!r} {split!r} has {len(ds)} examples, fewer than one global batch "
+            f"({global_batch_size}); lower the batch size or use more data."
+        )
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(functools.partial(_to_example, resize=resize, method=resize_method))
+    return _finish(_shard_batches(ds, batch_size, index, count), worker_count, read_threads)
+
+
+def make_eval_dataset(
+    name: str,
+    *,
+    global_batch_size: int,
+    split: str = "test",
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    read_threads: int = 8,
+    image_shape: Sequence[int] | None = None,
+    resize: tuple[int, int] | None = None,
+    resize_method: str = "bilinear",
+) -> grain.IterDataset:
+    """Builds one ordered pass over a split, padded so every example counts once.
+
+    Arguments are as for `make_train_dataset`. The last global batch is filled
+    with blank examples whose "mask" is False; weight metrics by "mask".
+    """
+    batch_size, index, count = _per_process_batch_size(
+        global_batch_size, process_index, process_count
+    )
+    source, shape = _open(name, split, data_dir, image_shape, resize, resize_method)
+    num_padding = -len(source) % global_batch_size
+    real = (
+        grain.MapDataset.source(source)
+        .map(functools.partial(_to_example, resize=resize, method=resize_method))
+        .map(functools.partial(_with_mask, valid=True))
+    )
+    padding = grain.MapDataset.range(num_padding).map(functools.partial(_padding_example, shape))
+    ds = grain.MapDataset.concatenate([real, padding]) if num_padding else real
+    return _finish(_shard_batches(ds, batch_size, index, count), worker_count, read_threads)
+
+
+def eval_steps(num_examples: int, global_batch_size: int) -> int:
+    """Number of batches in one padded eval pass."""
+    return math.ceil(num_examples / global_batch_size)

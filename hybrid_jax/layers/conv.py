@@ -1,0 +1,238 @@
+"""Convolutional building blocks: conv + norm + act, residual bottlenecks, inverted residuals.
+
+Feature maps are NHWC. Padding defaults to PyTorch's symmetric `k // 2` rule (so
+converted timm weights give the same logits); "SAME" is TensorFlow's asymmetric
+padding, which the ViT hybrids and MaxViT were trained with.
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hybrid_jax.layers.act import get_act
+from hybrid_jax.layers.drop import DropPath
+from hybrid_jax.layers.norm import norm_2d
+
+Dtype = Any
+Padding = str | int | None
+
+# He init over fan-out, as torchvision and timm initialise convolutions.
+CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_padding(kernel_size: int, strides: int = 1, dilation: int = 1) -> int:
+    """Symmetric padding that PyTorch models use for a kernel, stride and dilation."""
+    return ((strides - 1) + dilation * (kernel_size - 1)) // 2
+
+
+def _resolve_padding(padding: Padding, kernel_size: int, strides: int, dilation: int) -> str | list[tuple[int, int]]:
+    if isinstance(padding, str):
+        return padding.upper()
+    pad = torch_padding(kernel_size, strides, dilation) if padding is None else padding
+    return [(pad, pad), (pad, pad)]
+
+
+class Conv2d(nn.Module):
+    """2-D convolution with logical axes and optional weight standardisation (BiT's StdConv)."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: Padding = None  # None: PyTorch symmetric; "SAME": TensorFlow; int: explicit
+    groups: int = 1
+    dilation: int = 1
+    use_bias: bool = False
+    weight_standardize: bool = False
+    standardize_eps: float = 1e-8
+    kernel_init: Callable = CONV_INIT
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(self.kernel_init, (None, None, "conv_in", "conv_out")),
+            (k, k, x.shape[-1] // self.groups, self.features), self.param_dtype)
+        if self.weight_standardize:
+            mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+            var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
+            kernel = (kernel - mean) * jax.lax.rsqrt(var + self.standardize_eps)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype), (self.strides, self.strides),
+            _resolve_padding(self.padding, k, self.strides, self.dilation),
+            rhs_dilation=(self.dilation, self.dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d, then a norm, then an activation: the unit every CNN here is made of."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: Padding = None
+    groups: int = 1
+    dilation: int = 1
+    use_bias: bool = False
+    norm: str = "batch"  # batch | group | layer | none
+    act: str = "relu"
+    zero_init_norm: bool = False
+    weight_standardize: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = Conv2d(self.features, self.kernel_size, self.strides, self.padding, self.groups, self.dilation,
+                   self.use_bias, self.weight_standardize, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="conv")(x)
+        if self.norm != "none":
+            x = norm_2d(self.norm, train=train, zero_init=self.zero_init_norm, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="norm")(x)
+        return get_act(self.act)(x)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention from globally pooled features (Hu et al. 2018)."""
+
+    reduced_features: int
+    act: str = "relu"
+    gate: str = "sigmoid"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv = lambda features, name: Conv2d(features, 1, use_bias=True, dtype=self.dtype,
+                                             param_dtype=self.param_dtype, name=name)
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = get_act(self.act)(conv(self.reduced_features, "conv_reduce")(s))
+        s = get_act(self.gate)(conv(x.shape[-1], "conv_expand")(s))
+        return x * s
+
+
+class _ResidualBlock(nn.Module):
+    """Shared fields of the ResNet blocks."""
+
+    features: int
+    strides: int = 1
+    norm: str = "batch"
+    act: str = "relu"
+    padding: Padding = None
+    weight_standardize: bool = False
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def conv(self, features: int, kernel_size: int, strides: int = 1, *, act: str | None = None,
+             zero_init_norm: bool = False, name: str) -> ConvNormAct:
+        return ConvNormAct(features, kernel_size, strides, self.padding, norm=self.norm,
+                           act=self.act if act is None else act, zero_init_norm=zero_init_norm,
+                           weight_standardize=self.weight_standardize, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name=name)
+
+    def shortcut(self, x: jax.Array, out_features: int, *, train: bool) -> jax.Array:
+        if self.strides == 1 and x.shape[-1] == out_features:
+            return x
+        return self.conv(out_features, 1, self.strides, act="identity", name="downsample")(x, train=train)
+
+    def merge(self, branch: jax.Array, shortcut: jax.Array, *, train: bool) -> jax.Array:
+        branch = DropPath(self.drop_path)(branch, train=train)
+        return get_act(self.act)(branch + shortcut)
+
+
+class BasicBlock(_ResidualBlock):
+    """ResNet-18/34 block: two 3x3 convs and a residual."""
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        shortcut = self.shortcut(x, self.features, train=train)
+        y = self.conv(self.features, 3, self.strides, name="conv1")(x, train=train)
+        y = self.conv(self.features, 3, act="identity", zero_init_norm=True, name="conv2")(y, train=train)
+        return self.merge(y, shortcut, train=train)
+
+
+class Bottleneck(_ResidualBlock):
+    """ResNet-50+ block: 1x1 reduce, 3x3 (strided, as ResNet v1.5), 1x1 expand by 4, residual."""
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        out_features = self.features * self.expansion
+        shortcut = self.shortcut(x, out_features, train=train)
+        y = self.conv(self.features, 1, name="conv1")(x, train=train)
+        y = self.conv(self.features, 3, self.strides, name="conv2")(y, train=train)
+        y = self.conv(out_features, 1, act="identity", zero_init_norm=True, name="conv3")(y, train=train)
+        return self.merge(y, shortcut, train=train)
+
+
+RESIDUAL_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNetStage(nn.Module):
+    """A stack of residual blocks; the first one changes stride and width."""
+
+    block: str  # basic | bottleneck
+    depth: int
+    features: int
+    strides: int = 1
+    drop_path_rates: Sequence[float] = ()  # one per block; empty means none
+    norm: str = "batch"
+    padding: Padding = None
+    weight_standardize: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        block_cls = RESIDUAL_BLOCKS[self.block]
+        rates = self.drop_path_rates or (0.0,) * self.depth
+        for i in range(self.depth):
+            x = block_cls(self.features, self.strides if i == 0 else 1, self.norm, padding=self.padding,
+                          weight_standardize=self.weight_standardize, drop_path=rates[i], dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=f"blocks_{i}")(x, train=train)
+        return nn.with_logical_constraint(x, ("act_batch", "act_height", "act_width", "act_emb"))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 / EfficientNet MBConv: 1x1 expand, depthwise kxk, optional SE, 1x1 project."""
+
+    features: int
+    expand_ratio: float = 4.0
+    kernel_size: int = 3
+    strides: int = 1
+    se_ratio: float = 0.0  # of the input width; 0 disables squeeze-excite
+    act: str = "relu6"
+    norm: str = "batch"
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        in_features = x.shape[-1]
+        hidden = int(round(in_features * self.expand_ratio))
+        conv = lambda features, kernel_size, name, **kw: ConvNormAct(
+            features, kernel_size, norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+        y = x
+        if hidden != in_features:
+            y = conv(hidden, 1, "conv_pw", act=self.act)(y, train=train)
+        y = conv(hidden, self.kernel_size, "conv_dw", strides=self.strides, groups=hidden, act=self.act)(y, train=train)
+        if self.se_ratio > 0:
+            y = SqueezeExcite(max(1, int(in_features * self.se_ratio)), act=self.act, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="se")(y)
+        y = conv(self.features, 1, "conv_pwl", act="identity")(y, train=train)
+        if self.strides == 1 and in_features == self.features:
+            y = DropPath(self.drop_path)(y, train=train) + x
+        return y

@@ -1,0 +1,37 @@
+"""Residual-branch regularisers: stochastic depth and LayerScale."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per example, rescaling the rest."""
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        kept = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(kept, x / keep, jnp.zeros_like(x))
+
+
+class LayerScale(nn.Module):
+    """Learned per-channel scale on a residual branch (CaiT), starting small."""
+
+    init_value: float = 1e-5
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param("gamma", nn.with_logical_partitioning(nn.initializers.constant(self.init_value), ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        return x * gamma.astype(x.dtype)

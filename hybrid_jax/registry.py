@@ -1,0 +1,120 @@
+"""Model registry: every variant by name, with the figures its paper reports.
+
+A variant is data: a Flax module class plus the field values that make it, e.g.
+`resnet50 = ResNet(block="bottleneck", layers=(3, 4, 6, 3))`. `create_model`
+merges the caller's overrides into those fields; `list_models` finds names with
+shell-style patterns. Family files register their variants when
+`hybrid_jax.models` imports them.
+"""
+
+import dataclasses
+import difflib
+import fnmatch
+from typing import Any
+
+import flax.linen as nn
+
+CATEGORIES = ("cnn", "vit", "serial", "parallel", "hierarchical", "fusion")
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperFigures:
+    """What the paper (or the reference implementation) reports for a variant at its input size."""
+
+    params_m: float  # parameters, millions
+    gmacs: float  # multiply-adds per image, billions
+    top1: float | None  # ImageNet-1k top-1 %, None where no checkable figure exists
+    source: str  # where each number was read
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """A registered variant."""
+
+    name: str
+    module: type[nn.Module]
+    fields: dict[str, Any]
+    category: str
+    input_size: int  # the resolution the paper figures are measured at
+    paper: PaperFigures | None  # None for the tiny test variants
+
+    @property
+    def family(self) -> str:
+        return self.module.__module__.rsplit(".", 1)[-1]
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, module: type[nn.Module], fields: dict[str, Any], *, category: str,
+                   input_size: int = 224, paper: PaperFigures | None = None) -> None:
+    """Registers `module(**fields)` as the variant `name`."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is registered twice")
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; choose one of {CATEGORIES}")
+    _check_fields(name, module, fields)
+    _REGISTRY[name] = ModelEntry(name, module, dict(fields), category, input_size, paper)
+
+
+def _field_names(module: type[nn.Module]) -> set[str]:
+    return {f.name for f in dataclasses.fields(module) if f.init and f.name not in ("parent", "name")}
+
+
+def _check_fields(name: str, module: type[nn.Module], fields: dict[str, Any]) -> None:
+    known = _field_names(module)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        hints = {key: difflib.get_close_matches(key, known, n=3) for key in unknown}
+        hints = "; ".join(f"{key!r} (did you mean {', '.join(close)}?)" if close else repr(key)
+                          for key, close in hints.items())
+        raise TypeError(f"{module.__name__} (model {name!r}) has no field {hints}. "
+                        f"Its fields are: {', '.join(sorted(known))}")
+
+
+def _entry(name: str) -> ModelEntry:
+    _import_families()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} See hybrid_jax.list_models() for all names.") from None
+
+
+def model_info(name: str) -> ModelEntry:
+    """The registry entry of `name`: module, fields, category, input size, paper figures."""
+    return _entry(name)
+
+
+def create_model(name: str, *, num_classes: int | None = None, dtype: Any = None, **overrides: Any) -> nn.Module:
+    """Builds the variant `name`; keyword arguments override its fields.
+
+    Args:
+      name: a registered name, e.g. "vit_base_patch16_224" (see `list_models`).
+      num_classes: classifier width; 0 returns pooled features instead of logits.
+      dtype: compute dtype, e.g. jnp.bfloat16 (parameters stay float32).
+      **overrides: any other field of the model's module, e.g. drop_path_rate=0.1.
+
+    Returns:
+      An unbound Flax module: `variables = model.init(rng, images, train=False)`.
+    """
+    entry = _entry(name)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if dtype is not None:
+        overrides["dtype"] = dtype
+    _check_fields(name, entry.module, overrides)
+    return entry.module(**{**entry.fields, **overrides})
+
+
+def list_models(pattern: str = "*", *, category: str | None = None) -> list[str]:
+    """Sorted names matching a shell-style `pattern` (and `category`, if given)."""
+    _import_families()
+    return sorted(name for name, entry in _REGISTRY.items()
+                  if fnmatch.fnmatch(name, pattern) and category in (None, entry.category))
+
+
+def _import_families() -> None:
+    # Imported on first use so `import hybrid_jax` stays light.
+    import hybrid_jax.models  # noqa: F401

@@ -1,0 +1,118 @@
+"""The attention entry point against a naive softmax(QK^T)V reference."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax.layers import MultiHeadAttention, attention_path, dot_product_attention
+
+
+def naive_attention(q, k, v, bias=None, mask=None, scale=None):
+    """Reference in float64 numpy: softmax(q k^T * scale + bias, masked) v."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    logits = np.einsum("btnh,bsnh->bnts", q, k) * (scale or q.shape[-1] ** -0.5)
+    if bias is not None:
+        logits = logits + np.asarray(bias, np.float64)
+    if mask is not None:
+        logits = np.where(np.asarray(mask), logits, -np.inf)
+    logits -= logits.max(axis=-1, keepdims=True)
+    weights = np.exp(logits)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", weights, v)
+
+
+def random_qkv(key, batch=2, q_len=7, kv_len=7, heads=3, key_dim=16, value_dim=16, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (jax.random.normal(kq, (batch, q_len, heads, key_dim), dtype),
+            jax.random.normal(kk, (batch, kv_len, heads, key_dim), dtype),
+            jax.random.normal(kv, (batch, kv_len, heads, value_dim), dtype))
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(7, 7), (5, 11)], ids=["self", "cross"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_matches_naive_reference(q_len, kv_len, with_bias, with_mask):
+    key = jax.random.key(0)
+    q, k, v = random_qkv(key, q_len=q_len, kv_len=kv_len)
+    bias = jax.random.normal(jax.random.key(1), (1, 3, q_len, kv_len)) if with_bias else None
+    mask = None
+    if with_mask:
+        mask = jax.random.bernoulli(jax.random.key(2), 0.7, (2, 1, q_len, kv_len))
+        mask = mask.at[..., 0].set(True)  # every query keeps at least one key
+    out = dot_product_attention(q, k, v, bias, mask, implementation="xla")
+    np.testing.assert_allclose(out, naive_attention(q, k, v, bias, mask), atol=1e-5, rtol=1e-5)
+    auto = dot_product_attention(q, k, v, bias, mask, implementation="auto")
+    np.testing.assert_array_equal(auto, out)
+
+
+def test_two_dimensional_bias_broadcasts_over_batch_and_heads():
+    q, k, v = random_qkv(jax.random.key(3), q_len=6, kv_len=6)
+    bias = jax.random.normal(jax.random.key(4), (6, 6))
+    out = dot_product_attention(q, k, v, bias)
+    np.testing.assert_allclose(out, naive_attention(q, k, v, bias[None, None]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key_dim,value_dim", [(16, 64), (32, 8)])
+def test_value_dim_differs_from_key_dim(key_dim, value_dim):
+    """LeViT's values are wider than its keys; the entry point pads and slices exactly."""
+    q, k, v = random_qkv(jax.random.key(5), key_dim=key_dim, value_dim=value_dim)
+    bias = jax.random.normal(jax.random.key(6), (1, 3, 7, 7))
+    out = dot_product_attention(q, k, v, bias)
+    assert out.shape == (2, 7, 3, value_dim)
+    np.testing.assert_allclose(out, naive_attention(q, k, v, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_custom_scale():
+    q, k, v = random_qkv(jax.random.key(7))
+    out = dot_product_attention(q, k, v, scale=0.3)
+    np.testing.assert_allclose(out, naive_attention(q, k, v, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_cudnn_on_cpu_is_a_clear_error_and_auto_falls_back():
+    q, k, v = random_qkv(jax.random.key(8), dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU.*implementation='auto'"):
+        dot_product_attention(q, k, v, implementation="cudnn")
+    backend, reason = attention_path(q, k, v, implementation="auto")
+    assert backend == "xla" and "fell back" in reason and "NVIDIA GPU" in reason
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        dot_product_attention(q, k, v, implementation="flash")
+
+
+def test_bfloat16_within_bf16_tolerance():
+    q, k, v = random_qkv(jax.random.key(9), q_len=33, kv_len=33, key_dim=64, value_dim=64)
+    out = dot_product_attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)))
+    assert out.dtype == jnp.bfloat16
+    ref = naive_attention(q, k, v)
+    rel = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+    assert rel < 1e-2
+
+
+def test_multi_head_attention_module_matches_reference():
+    """Self- and cross-attention modules equal projections + naive attention + output projection."""
+    x = jax.random.normal(jax.random.key(10), (2, 9, 24))
+    context = jax.random.normal(jax.random.key(11), (2, 4, 24))
+    module = MultiHeadAttention(num_heads=4)
+    for ctx in (None, context):
+        params = nn.meta.unbox(module.init(jax.random.key(12), x, ctx))["params"]
+        src = x if ctx is None else ctx
+        proj = lambda name, t: (t @ params[name]["kernel"] + params[name]["bias"]).reshape(*t.shape[:-1], 4, 6)
+        ref = naive_attention(proj("query", x), proj("key", src), proj("value", src)).reshape(2, 9, 24)
+        ref = ref @ np.asarray(params["out"]["kernel"], np.float64) + np.asarray(params["out"]["bias"])
+        np.testing.assert_allclose(module.apply({"params": params}, x, ctx), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_match_reference():
+    q, k, v = random_qkv(jax.random.key(13), q_len=5, kv_len=5, key_dim=8, value_dim=8)
+    bias = jax.random.normal(jax.random.key(14), (1, 3, 5, 5))
+
+    def einsum_attention(q, k, v):
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k) * 8 ** -0.5 + bias
+        return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    ours = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, bias)), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(einsum_attention), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

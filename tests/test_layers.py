@@ -1,0 +1,130 @@
+"""Shared layers against independent references."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax.layers import (Conv2d, ConvNormAct, DropPath, InvertedResidual, LayerScale, Mlp, PatchEmbed,
+                               SqueezeExcite, resample_pos_embed, torch_padding)
+
+
+def init_apply(module, *args, **kwargs):
+    variables = nn.meta.unbox(module.init(jax.random.key(0), *args, **kwargs))
+    return variables, module.apply(variables, *args, **kwargs)
+
+
+def test_drop_path_is_identity_in_eval():
+    x = jax.random.normal(jax.random.key(0), (16, 5, 8))
+    out = DropPath(0.5).apply({}, x, train=False)
+    np.testing.assert_array_equal(out, x)
+
+
+def test_drop_path_preserves_expectation_in_train():
+    rate, n = 0.3, 20000
+    x = jnp.ones((n, 4))
+    out = DropPath(rate).apply({}, x, train=True, rngs={"dropout": jax.random.key(1)})
+    dropped = np.mean(np.all(np.asarray(out) == 0, axis=1))
+    # Bernoulli(0.3) over 20000 rows: standard error 0.0032, so 4 sigma is 0.013.
+    assert abs(dropped - rate) < 0.013
+    assert abs(float(out.mean()) - 1.0) < 0.02
+    kept = np.asarray(out)[np.asarray(out)[:, 0] != 0]
+    np.testing.assert_allclose(kept, 1.0 / (1.0 - rate), rtol=1e-6)
+
+
+def test_layer_scale_starts_at_init_value():
+    x = jax.random.normal(jax.random.key(2), (2, 3, 8))
+    _, out = init_apply(LayerScale(0.1), x)
+    np.testing.assert_allclose(out, 0.1 * x, rtol=1e-6)
+
+
+def test_mlp_matches_manual_computation():
+    x = jax.random.normal(jax.random.key(3), (2, 5, 8))
+    variables, out = init_apply(Mlp(hidden_features=32), x, train=False)
+    p = variables["params"]
+    hidden = jax.nn.gelu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"], approximate=False)
+    np.testing.assert_allclose(out, hidden @ p["fc2"]["kernel"] + p["fc2"]["bias"], atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size,strides", [(3, 1), (3, 2), (7, 2), (1, 2)])
+def test_conv_uses_pytorch_symmetric_padding(kernel_size, strides):
+    x = jax.random.normal(jax.random.key(4), (1, 15, 15, 3))
+    variables, out = init_apply(Conv2d(4, kernel_size, strides), x)
+    pad = torch_padding(kernel_size, strides)
+    ref = jax.lax.conv_general_dilated(jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))),
+                                       variables["params"]["kernel"], (strides, strides), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_weight_standardized_conv_ignores_kernel_offset_and_scale():
+    """A StdConv's output does not change when each filter is shifted and rescaled."""
+    x = jax.random.normal(jax.random.key(5), (1, 8, 8, 3))
+    conv = Conv2d(4, 3, weight_standardize=True, padding="SAME")
+    variables, out = init_apply(conv, x)
+    kernel = variables["params"]["kernel"]
+    shifted = {"params": {"kernel": kernel * 3.0 + 0.7}}
+    np.testing.assert_allclose(conv.apply(shifted, x), out, atol=1e-4)
+    standardized = (kernel - kernel.mean((0, 1, 2))) / jnp.sqrt(kernel.var((0, 1, 2)) + 1e-8)
+    ref = Conv2d(4, 3, padding="SAME").apply({"params": {"kernel": standardized}}, x)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_conv_norm_act_batch_stats_update_only_in_train():
+    x = jax.random.normal(jax.random.key(6), (4, 6, 6, 3)) * 3 + 2
+    module = ConvNormAct(5, 3)
+    variables = nn.meta.unbox(module.init(jax.random.key(0), x, train=False))
+    out, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert float(out.min()) >= 0.0  # ReLU
+    conv = Conv2d(5, 3).apply({"params": variables["params"]["conv"]}, x)
+    np.testing.assert_allclose(updates["batch_stats"]["norm"]["mean"], 0.1 * conv.mean((0, 1, 2)), atol=1e-5)
+    eval_out = module.apply(variables, x, train=False)
+    np.testing.assert_allclose(eval_out, jax.nn.relu(conv / jnp.sqrt(1 + 1e-5)), atol=1e-4)
+
+
+def test_squeeze_excite_gates_channels_between_zero_and_one():
+    x = jax.random.normal(jax.random.key(7), (2, 4, 4, 8))
+    _, out = init_apply(SqueezeExcite(2), x)
+    ratio = np.asarray(out / x)
+    assert np.all((ratio > 0) & (ratio < 1))
+    np.testing.assert_allclose(ratio, ratio[:, :1, :1, :].repeat(4, 1).repeat(4, 2), rtol=1e-4)
+
+
+def test_inverted_residual_adds_shortcut_only_when_shapes_match():
+    x = jax.random.normal(jax.random.key(8), (2, 8, 8, 16))
+    block = InvertedResidual(16, expand_ratio=4, se_ratio=0.25)
+    variables = nn.meta.unbox(block.init(jax.random.key(0), x, train=False))
+    zeroed = jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.zeros_like(p) if "conv_pwl" in jax.tree_util.keystr(path) else p, variables)
+    np.testing.assert_allclose(block.apply(zeroed, x, train=False), x, atol=1e-6)
+    strided = InvertedResidual(24, strides=2)
+    _, out = init_apply(strided, x, train=False)
+    assert out.shape == (2, 4, 4, 24)
+
+
+def test_patch_embed_rejects_sizes_not_divisible_by_patch():
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        PatchEmbed(16, 8).init(jax.random.key(0), jnp.zeros((1, 40, 40, 3)))
+
+
+def test_resample_pos_embed_keeps_prefix_and_constants():
+    prefix = jnp.full((1, 1, 4), 7.0)
+    grid = jnp.full((1, 16, 4), 0.5)
+    out = resample_pos_embed(jnp.concatenate([prefix, grid], axis=1), (6, 6))
+    assert out.shape == (1, 1 + 36, 4)
+    np.testing.assert_allclose(out[:, 0], 7.0)
+    np.testing.assert_allclose(out[:, 1:], 0.5, atol=1e-6)
+    same = jax.random.normal(jax.random.key(9), (1, 17, 4))
+    np.testing.assert_array_equal(resample_pos_embed(same, (4, 4)), same)
+
+
+def test_resample_pos_embed_follows_a_smooth_ramp():
+    """Away from the border (where bicubic stencils are cut), an upsampled linear ramp stays a ramp."""
+    side, new = 8, 16
+    centers = lambda n: (np.arange(n) + 0.5) / n
+    ramp = np.add.outer(centers(side), centers(side)).reshape(1, side * side, 1)
+    out = resample_pos_embed(jnp.concatenate([jnp.zeros((1, 1, 1)), jnp.asarray(ramp)], 1), (new, new))
+    out = np.asarray(out)[0, 1:, 0].reshape(new, new)
+    expected = np.add.outer(centers(new), centers(new))
+    np.testing.assert_allclose(out[4:-4, 4:-4], expected[4:-4, 4:-4], atol=1e-3)

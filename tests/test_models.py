@@ -1,0 +1,137 @@
+"""Every registered model: runs, is finite, uses every parameter, and matches its paper's size and cost."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax import create_model, list_models, model_info
+from hybrid_jax.analysis.flops import count_params, measure_registered
+from hybrid_jax.layers import resample_pos_embed
+
+ALL_MODELS = list_models()
+PAPER_MODELS = [name for name in ALL_MODELS if model_info(name).paper is not None]
+TINY_MODELS = [name for name in ALL_MODELS if model_info(name).paper is None]
+
+
+def images(name: str, batch: int = 2) -> jax.Array:
+    size = model_info(name).input_size
+    return jax.random.uniform(jax.random.key(0), (batch, size, size, 3), minval=-1, maxval=1)
+
+
+def init(model, x):
+    return jax.jit(lambda x: nn.meta.unbox(model.init(jax.random.key(1), x, train=False)))(x)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_forward_in_train_and_eval_mode(name):
+    model = create_model(name)
+    x = images(name)
+    variables = init(model, x)
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    assert logits.shape == (2, model.num_classes)
+    assert np.all(np.isfinite(logits))
+    train_logits, updates = jax.jit(lambda v, x: model.apply(
+        v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)}))(variables, x)
+    assert np.all(np.isfinite(train_logits))
+    if "batch_stats" in variables:
+        # Training mode normalises with batch statistics and updates the running ones.
+        assert not np.allclose(train_logits, logits)
+        changed = jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), variables["batch_stats"],
+                                         updates["batch_stats"])
+        assert all(jax.tree_util.tree_leaves(changed))
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_params_and_gmacs_match_paper(name):
+    paper = model_info(name).paper
+    measured = measure_registered(name)
+    assert measured.params / 1e6 == pytest.approx(paper.params_m, rel=0.01), paper.source
+    assert measured.gmacs == pytest.approx(paper.gmacs, rel=0.05), paper.source
+    # XLA's own count differs only by elementwise work and padded conv taps.
+    assert measured.xla_gflops / 2 == pytest.approx(measured.gmacs, rel=0.10)
+
+
+def _randomized(params, key):
+    """Random nonzero weights, so zero-initialised layers (e.g. last BN of a block) pass gradient on."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([0.1 * jax.random.normal(k, p.shape, p.dtype) + p for k, p in zip(keys, leaves)])
+
+
+def _check_every_parameter_gets_gradient(name):
+    model = create_model(name)
+    x = images(name)
+    variables = init(model, x)
+    params = _randomized(variables["params"], jax.random.key(3))
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                                rngs={"dropout": jax.random.key(4)})
+        return jnp.sum(logits ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    dead = [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+            if not np.any(np.asarray(g) != 0)]
+    assert not dead, f"parameters without gradient: {dead}"
+    assert count_params(grads) == count_params(params)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_every_parameter_gets_gradient(name):
+    _check_every_parameter_gets_gradient(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_every_parameter_gets_gradient_full_size(name):
+    _check_every_parameter_gets_gradient(name)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit", "test_vit_r50"])
+def test_num_classes_zero_returns_pooled_features(name):
+    model = create_model(name, num_classes=0)
+    x = images(name)
+    variables = init(model, x)
+    pooled = model.apply(variables, x, train=False)
+    features = model.apply(variables, x, train=False, method=model.forward_features)
+    np.testing.assert_array_equal(pooled, features["pooled"])
+    assert "head" not in variables["params"]
+    with_head = create_model(name)
+    head_vars = init(with_head, x)
+    head = head_vars["params"]["head"]
+    shared = {**head_vars, "params": {**variables["params"], "head": head}}
+    np.testing.assert_allclose(with_head.apply(shared, x, train=False),
+                               pooled @ head["kernel"] + head["bias"], atol=1e-5)
+
+
+def test_forward_features_gives_every_stage():
+    x = images("test_resnet")
+    model = create_model("test_resnet")
+    features = model.apply(init(model, x), x, train=False, method=model.forward_features)
+    assert [features[f"stage{i}"].shape for i in range(1, 5)] == [
+        (2, 8, 8, 8), (2, 4, 4, 16), (2, 2, 2, 16), (2, 1, 1, 32)]
+    np.testing.assert_allclose(features["pooled"], features["stage4"].mean((1, 2)), atol=1e-6)
+
+    vit = create_model("test_vit_r50")
+    x = images("test_vit_r50")
+    features = vit.apply(init(vit, x), x, train=False, method=vit.forward_features)
+    assert features["stage2"].shape == (2, 8, 8, 512)
+    assert features["patch_embed"].shape == (2, 8, 8, 32)
+    assert features["block0"].shape == (2, 65, 32)
+    np.testing.assert_array_equal(features["pooled"], features["tokens"][:, 0])
+
+
+@pytest.mark.parametrize("size", [160, 288])
+def test_vit_built_at_224_runs_at_other_sizes(size):
+    """On-the-fly resampling equals building the model at the new size with resampled weights."""
+    model = create_model("vit_tiny_patch16_224", depth=2)
+    variables = init(model, images("vit_tiny_patch16_224", batch=1))
+    x = jax.random.uniform(jax.random.key(5), (1, size, size, 3))
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    grid = size // 16
+    resized = dict(variables["params"], pos_embed=resample_pos_embed(variables["params"]["pos_embed"], (grid, grid)))
+    native = create_model("vit_tiny_patch16_224", depth=2, img_size=size)
+    np.testing.assert_allclose(native.apply({"params": resized}, x, train=False), logits, atol=1e-5)
+    assert resized["pos_embed"].shape == (1, 1 + grid * grid, 192)
