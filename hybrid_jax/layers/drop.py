@@ -1,12 +1,20 @@
 """Residual-branch regularisers: stochastic depth and LayerScale."""
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+
+def drop_path_schedule(rate: float, depths: Sequence[int]) -> list[tuple[float, ...]]:
+    """Stochastic-depth rates rising linearly from 0 to `rate` over all blocks, split per stage."""
+    total = sum(depths)
+    rates = [rate * i / max(total - 1, 1) for i in range(total)]
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+    return [tuple(rates[start:start + depth]) for start, depth in zip(starts, depths)]
 
 
 class DropPath(nn.Module):

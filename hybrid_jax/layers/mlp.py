@@ -1,4 +1,4 @@
-"""Transformer feed-forward block."""
+"""Dense blocks: the transformer feed-forward MLP and the classifier head."""
 
 from typing import Any
 
@@ -11,6 +11,7 @@ from hybrid_jax.layers.act import get_act
 Dtype = Any
 
 DENSE_INIT = nn.initializers.xavier_uniform()
+HEAD_INIT = nn.initializers.truncated_normal(0.02)
 
 
 class Mlp(nn.Module):
@@ -36,3 +37,9 @@ class Mlp(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x = dense(out_features, ("mlp", "embed"), "fc2")(x)
         return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+def classifier_head(num_classes: int, **kw: Any) -> nn.Dense:
+    """The final linear classifier, its weight sharded over ("embed", "classes")."""
+    return nn.Dense(num_classes, kernel_init=nn.with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)), **kw)

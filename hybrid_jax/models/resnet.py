@@ -12,19 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.conv import RESIDUAL_BLOCKS, ConvNormAct, ResNetStage
+from hybrid_jax.layers.drop import drop_path_schedule
+from hybrid_jax.layers.mlp import classifier_head
 from hybrid_jax.registry import PaperFigures, register_model
 
 Dtype = Any
-
-HEAD_INIT = nn.initializers.truncated_normal(0.02)
-
-
-def drop_path_schedule(rate: float, depths: Sequence[int]) -> list[tuple[float, ...]]:
-    """Stochastic-depth rates rising linearly from 0 to `rate` over all blocks, split per stage."""
-    total = sum(depths)
-    rates = [rate * i / max(total - 1, 1) for i in range(total)]
-    starts = [sum(depths[:i]) for i in range(len(depths))]
-    return [tuple(rates[start:start + depth]) for start, depth in zip(starts, depths)]
 
 
 def max_pool_3x3(x: jax.Array) -> jax.Array:
@@ -53,8 +45,7 @@ class ResNet(nn.Module):
                        for i, (depth, width) in enumerate(zip(self.layers, self.widths))]
         self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes:
-            self.head = nn.Dense(self.num_classes, kernel_init=nn.with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
-                                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)), **kw)
+            self.head = classifier_head(self.num_classes, **kw)
 
     @property
     def num_features(self) -> int:

@@ -17,11 +17,10 @@ import jax.numpy as jnp
 
 from hybrid_jax.layers.attention import MultiHeadAttention
 from hybrid_jax.layers.conv import ConvNormAct, ResNetStage
-from hybrid_jax.layers.drop import DropPath, LayerScale
-from hybrid_jax.layers.mlp import Mlp
+from hybrid_jax.layers.drop import DropPath, LayerScale, drop_path_schedule
+from hybrid_jax.layers.mlp import Mlp, classifier_head
 from hybrid_jax.layers.norm import layer_norm
 from hybrid_jax.layers.patch import PatchEmbed, resample_pos_embed
-from hybrid_jax.models.resnet import HEAD_INIT, drop_path_schedule
 from hybrid_jax.registry import PaperFigures, register_model
 
 Dtype = Any
@@ -113,8 +112,7 @@ class VisionTransformer(nn.Module):
         self.norm = layer_norm(**kw)
         self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes:
-            self.head = nn.Dense(self.num_classes, kernel_init=nn.with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
-                                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)), **kw)
+            self.head = classifier_head(self.num_classes, **kw)
 
     @property
     def stride(self) -> int:
