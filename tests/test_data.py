@@ -141,7 +141,7 @@ def test_builder_round_trip_exact(data_dir: str):
 
 def test_missing_idx_dir_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv(fm.IDX_DIR_ENV, str(tmp_path / "absent"))
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(pipeline.DataError, match="apt-get install dataset-fashion-mnist"):
         pipeline.make_train_dataset(
             "fashion_mnist", global_batch_size=8, data_dir=str(tmp_path / "tfds")
         )

@@ -81,7 +81,10 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
     if name in EMBEDDED_BUILDERS:
         builder = EMBEDDED_BUILDERS[name](data_dir=data_dir)
         if not builder.is_prepared():
-            builder.download_and_prepare()
+            try:
+                builder.download_and_prepare()
+            except FileNotFoundError as e:  # the local source files are missing; the message says how to get them
+                raise DataError(str(e)) from e
         return builder
     try:
         builder = tfds.builder(name, data_dir=data_dir)

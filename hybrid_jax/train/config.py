@@ -1,0 +1,109 @@
+"""Every key a training run reads, with its default; experiment configs override these.
+
+One source of truth: `configs/*.py` start from `default_config()`, so a key that is
+not here does not exist, and `--config.key=value` on the command line is checked
+against this list (with close matches suggested) before anything runs.
+"""
+
+import difflib
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The defaults for a classification run."""
+    c = ml_collections.ConfigDict()
+    c.model = "test_resnet"  # any name in hybrid_jax.list_models()
+    c.model_overrides = ml_collections.ConfigDict()  # extra fields of the model, e.g. drop_path_rate
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and loss stay float32)
+
+    c.dataset = "fashion_mnist"  # tfds name; fashion_mnist is built offline from the Debian package
+    c.data_dir = ""  # tfds data dir; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.train_fraction = 1.0  # keep the first fraction of the train split (dataset-size ablations)
+    c.resize = ()  # (H, W) to resize images to on the host; () keeps the stored size
+    c.read_threads = 4
+    c.worker_count = 0  # grain worker processes; 0 reads in the training process
+
+    c.batch_size = 128  # global, over all processes and devices
+    c.eval_batch_size = 512
+    c.num_epochs = 5.0
+    c.total_steps = 0  # train-step calls; 0 derives them from num_epochs
+
+    c.optimizer = "adamw"  # adamw | sgd | lamb
+    c.learning_rate = 1e-3
+    c.min_learning_rate = 1e-5
+    c.warmup_steps = 200
+    c.weight_decay = 0.05
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.momentum = 0.9
+    c.nesterov = True
+    c.clip_norm = 1.0  # global-norm clipping; 0 turns it off
+    c.grad_accum_steps = 1
+    c.label_smoothing = 0.1
+    c.ema_decay = 0.0  # 0 turns the parameter EMA off
+    c.no_decay_names = ("pos_embed", "cls_token", "dist_token", "tokens", "relative_position_bias_table", "rel_pos")
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.random_resized_crop = False  # crops back to the input size
+    c.augment.crop_scale = (0.08, 1.0)
+    c.augment.flip = True
+    c.augment.randaug_num_ops = 0
+    c.augment.randaug_magnitude = 9.0
+    c.augment.mixup_alpha = 0.0
+    c.augment.cutmix_alpha = 0.0
+    c.augment.mean = (0.5,)
+    c.augment.std = (0.5,)
+
+    c.mesh_shape = (-1, 1, 1)  # ('data', 'fsdp', 'tensor'); -1 takes the remaining devices
+    c.distributed = False  # call jax.distributed.initialize (multi-host TPU/GPU, or CPU processes)
+    c.coordinator_address = ""  # host:port of process 0; "" lets jax detect it (TPU, SLURM)
+    c.num_processes = 0
+    c.process_id = -1
+
+    c.seed = 0
+    c.log_every = 50
+    c.eval_every = 0  # steps between evaluations; 0 evaluates once per epoch
+    c.checkpoint_every = 500
+    c.max_to_keep = 3
+    c.async_checkpoint = True
+    c.progress_bar = True
+    return c
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot work, with what to do instead."""
+
+
+def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
+               prefix: str = "") -> None:
+    """Fails on any key the defaults do not know, naming the closest known ones."""
+    reference = reference or default_config()
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if key not in reference:
+            if prefix == "model_overrides.":
+                continue  # model fields are checked by the registry against the model itself
+            close = difflib.get_close_matches(key, list(reference.keys()), n=3)
+            hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key {path!r}.{hint}")
+        if isinstance(value, ml_collections.ConfigDict) and key != "model_overrides":
+            check_keys(value, reference[key], f"{path}.")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Fails early on values that would only break deep inside the run."""
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"config.dtype={config.dtype!r}; choose one of {DTYPES}.")
+    if len(config.mesh_shape) != 3:
+        raise ConfigError(f"config.mesh_shape={tuple(config.mesh_shape)} needs three sizes ('data', 'fsdp', 'tensor').")
+    if config.grad_accum_steps < 1:
+        raise ConfigError("config.grad_accum_steps must be >= 1.")
+    if config.total_steps <= 0 and config.num_epochs <= 0:
+        raise ConfigError("set config.num_epochs > 0 or config.total_steps > 0.")
+    if config.log_every <= 0 or config.checkpoint_every <= 0:
+        raise ConfigError("config.log_every and config.checkpoint_every must be positive.")

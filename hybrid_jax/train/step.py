@@ -1,0 +1,78 @@
+"""The train and eval steps: pure functions of (state, batch), jitted by the loop with explicit shardings."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from hybrid_jax.data.augment import AugmentConfig, augment_batch, eval_batch
+from hybrid_jax.train.state import TrainState
+
+Metrics = dict[str, jax.Array]
+
+
+def head_logits(model: nn.Module, variables: Any, images: jax.Array, *, train: bool,
+                rngs: dict | None = None) -> tuple[dict[str, jax.Array], Any]:
+    """Logits per classifier head and the updated batch statistics.
+
+    Models with several heads (Conformer's CNN and transformer heads, parallel hybrids)
+    expose `branch_logits`; each head gets its own loss and their mean is the prediction.
+    """
+    method = "branch_logits" if hasattr(model, "branch_logits") else None
+    out, updates = model.apply(variables, images, train=train, rngs=rngs, mutable=["batch_stats"], method=method)
+    heads = out if isinstance(out, dict) else {"logits": out}
+    return {name: logits.astype(jnp.float32) for name, logits in heads.items()}, updates.get("batch_stats", {})
+
+
+def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, augment: AugmentConfig,
+               num_classes: int, label_smoothing: float, ema_decay: float,
+               grad_accum_steps: int) -> tuple[TrainState, Metrics]:
+    """One optimizer micro-step on a global batch of uint8 images, augmented on device."""
+    aug_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    images, labels = augment_batch(aug_rng, batch["image"], batch["label"], num_classes, augment)
+    targets = optax.smooth_labels(labels, label_smoothing) if label_smoothing else labels
+
+    def loss_fn(params):
+        heads, batch_stats = head_logits(model, _variables(params, state.batch_stats), images.astype(model.dtype),
+                                         train=True, rngs={"dropout": dropout_rng})
+        loss = sum(optax.softmax_cross_entropy(logits, targets).mean() for logits in heads.values())
+        return loss, (sum(heads.values()) / len(heads), batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+        # Under accumulation params only move on the last micro-step; so does the average.
+        is_update = (state.step + 1) % grad_accum_steps == 0
+        decay = jnp.where(is_update, ema_decay, 1.0)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1)),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),  # non-finite once the update overflowed: the run diverged
+        "learning_rate": schedule(state.step // grad_accum_steps),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                              ema_params=ema_params)
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, model: nn.Module,
+              augment: AugmentConfig) -> Metrics:
+    """Sums of loss, correct predictions and real examples over a padded eval batch."""
+    images = eval_batch(batch["image"], augment).astype(model.dtype)
+    heads, _ = head_logits(model, _variables(params, batch_stats), images, train=False)
+    logits = sum(heads.values()) / len(heads)
+    mask = batch["mask"].astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+            "count": jnp.sum(mask)}

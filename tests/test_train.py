@@ -1,0 +1,303 @@
+"""The training system: sharded steps equal single-device ones, exact resume, damaged checkpoints, the CLI."""
+
+import functools
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from hybrid_jax import create_model
+from hybrid_jax.data.augment import AugmentConfig
+from hybrid_jax.data.pipeline import get_builder
+from hybrid_jax.metrics import read_metrics
+from hybrid_jax.parallel.mesh import make_mesh
+from hybrid_jax.parallel.rules import DEFAULT_RULES
+from hybrid_jax.train.config import ConfigError, check_keys, default_config
+from hybrid_jax.train.loop import train_and_evaluate
+from hybrid_jax.train.optim import decay_mask, make_optimizer
+from hybrid_jax.train.state import create_train_state
+from hybrid_jax.train.step import train_step
+from jax.sharding import NamedSharding, PartitionSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "fashion_mnist.py")
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> str:
+    """A tfds data dir with the real Fashion-MNIST prepared once from the Debian files."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    get_builder("fashion_mnist", data_dir)
+    return data_dir
+
+
+def _config(data_dir: str, **overrides):
+    config = default_config()
+    config.update(dict(model="test_resnet", data_dir=data_dir, batch_size=32, eval_batch_size=1000, total_steps=20,
+                       warmup_steps=2, log_every=5, checkpoint_every=10, progress_bar=False, async_checkpoint=False,
+                       eval_split="test[:1000]"))
+    config.update(overrides)
+    return config
+
+
+# --------------------------------------------------------------------------- #
+# The step on any mesh
+# --------------------------------------------------------------------------- #
+
+
+def _train_on_mesh(model_name: str, mesh_shape, devices, steps: int = 3, optimizer: str = "sgd"):
+    """Losses and final state of a few steps; SGD by default, because Adam divides a near-zero gradient's
+    rounding noise by its own size (e.g. the key bias, which softmax makes gradient-free) and so moves
+    such weights by +-lr on any change of reduction order, sharded or not."""
+    config = default_config()
+    config.update(dict(warmup_steps=1, learning_rate=1e-2, optimizer=optimizer))
+    model = create_model(model_name, num_classes=10)
+    tx, schedule = make_optimizer(config, 10)
+    mesh = make_mesh(mesh_shape, devices=devices)
+    state, shardings = create_train_state(model, tx, (32, 32, 3), seed=0, use_ema=True, mesh=mesh,
+                                          rules=DEFAULT_RULES)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=AugmentConfig(),
+                                     num_classes=10, label_smoothing=0.1, ema_decay=0.9, grad_accum_steps=1),
+                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(steps):
+        batch = {"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+                 "label": rng.integers(0, 10, (16,), dtype=np.int32)}
+        state, metrics = step(state, jax.device_put(batch, batch_sharding))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+@pytest.mark.parametrize("model_name", ["test_vit", "test_resnet"])
+@pytest.mark.parametrize("mesh_shape", [(4, 2, 1), (2, 1, 4)])
+def test_sharded_steps_equal_one_device(model_name, mesh_shape):
+    one_losses, one_state = _train_on_mesh(model_name, (1, 1, 1), jax.devices()[:1])
+    losses, state = _train_on_mesh(model_name, mesh_shape, jax.devices())
+    np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+    assert losses[-1] != losses[0]  # the model did learn something in between
+    for tree, one_tree in [(state.params, one_state.params), (state.ema_params, one_state.ema_params),
+                           (state.batch_stats, one_state.batch_stats)]:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), tree, one_tree)
+
+
+def test_parameters_are_sharded_as_the_rules_say():
+    _, state = _train_on_mesh("test_vit", (2, 2, 2), jax.devices(), steps=1, optimizer="adamw")
+    kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]
+    assert kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (16, 64)
+    mu = state.opt_state[1][0].mu["blocks_0"]["mlp"]["fc1"]["kernel"]  # adam moments follow their parameter
+    assert mu.sharding.spec == PartitionSpec("fsdp", "tensor")
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two accumulated micro-batches of 16 make the same update as their mean gradient (SGD, no EMA)."""
+    config = default_config()
+    config.update(dict(optimizer="sgd", momentum=0.0, weight_decay=0.0, clip_norm=0.0, warmup_steps=0,
+                       learning_rate=0.1, min_learning_rate=0.1, grad_accum_steps=2))
+    model = create_model("test_vit", num_classes=10)
+    images = jax.random.uniform(jax.random.key(0), (2, 8, 32, 32, 3))
+    labels = jax.nn.one_hot(jnp.arange(16).reshape(2, 8) % 10, 10)
+    params = model.init(jax.random.key(1), images[0], train=False)["params"]
+    loss = lambda p, x, y: optax.softmax_cross_entropy(model.apply({"params": p}, x, train=False), y).mean()
+    tx, _ = make_optimizer(config, 10)
+    opt_state = tx.init(params)
+    accumulated = params
+    for x, y in zip(images, labels):
+        updates, opt_state = tx.update(jax.grad(loss)(accumulated, x, y), opt_state, accumulated)
+        accumulated = optax.apply_updates(accumulated, updates)
+    mean_grad = jax.tree.map(lambda a, b: (a + b) / 2, jax.grad(loss)(params, images[0], labels[0]),
+                             jax.grad(loss)(params, images[1], labels[1]))
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, mean_grad)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), accumulated, expected)
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings():
+    variables = create_model("test_vit").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    params = nn.meta.unbox(variables["params"])
+    mask = decay_mask(params)
+    assert mask["blocks_0"]["mlp"]["fc1"]["kernel"] and mask["patch_embed"]["proj"]["kernel"]
+    assert not mask["blocks_0"]["mlp"]["fc1"]["bias"] and not mask["norm"]["scale"]
+    assert not mask["pos_embed"] and not mask["cls_token"]
+
+
+def test_unknown_config_key_names_close_matches():
+    config = default_config()
+    config.learnig_rate = 0.1
+    with pytest.raises(ConfigError, match="did you mean learning_rate|Did you mean learning_rate"):
+        check_keys(config)
+    config = default_config()
+    config.augment.mixup = 0.2
+    with pytest.raises(ConfigError, match="augment.mixup_alpha"):
+        check_keys(config)
+
+
+# --------------------------------------------------------------------------- #
+# The loop on real data
+# --------------------------------------------------------------------------- #
+
+
+def _final_params(workdir: Path, step: int):
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return restored["params"]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(fmnist_dir, tmp_path, caplog):
+    train_and_evaluate(_config(fmnist_dir), tmp_path)
+    shards = sorted((tmp_path / "checkpoints" / "20" / "state").rglob("*"), key=lambda p: p.stat().st_size)
+    with shards[-1].open("r+b") as f:  # truncate the biggest file of the newest checkpoint
+        f.truncate(shards[-1].stat().st_size // 2)
+    summary = train_and_evaluate(_config(fmnist_dir, total_steps=30), tmp_path)
+    assert "cannot be read" in caplog.text and "step 20" in caplog.text
+    assert (tmp_path / "checkpoints_unreadable" / "20").is_dir()  # set aside, not deleted
+    steps = [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert steps == [5, 10, 15, 20, 15, 20, 25, 30]  # resumed from step 10
+    assert summary["steps"] == 30
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(fmnist_dir, tmp_path):
+    from hybrid_jax.train.loop import TrainingDiverged
+
+    # Warmup makes the first update a no-op (lr 0), so there is one good step to checkpoint.
+    config = _config(fmnist_dir, learning_rate=1e30, clip_norm=0.0, warmup_steps=3, log_every=1,
+                     checkpoint_every=1, label_smoothing=0.0)
+    with pytest.raises(TrainingDiverged, match=r"at step \d+") as error:
+        train_and_evaluate(config, tmp_path)
+    bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == bad_step - 1
+    params = _final_params(tmp_path, saved[-1])
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def _cli(workdir: Path, data_dir: str, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hybrid_jax.main", f"--config={CONFIG}:smoke", f"--workdir={workdir}",
+         f"--config.data_dir={data_dir}", "--config.progress_bar=False", *args],
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        **popen)
+
+
+def _run_cli(workdir: Path, data_dir: str, *args: str, env: dict | None = None, timeout: int = 300):
+    process = _cli(workdir, data_dir, *args, env=env)
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def test_cli_trains_on_fashion_mnist_and_writes_its_outputs(fmnist_dir, tmp_path):
+    code, out, err = _run_cli(tmp_path, fmnist_dir)
+    assert code == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 30 and summary["test_accuracy"] > 0.2  # ten classes: chance is 0.1
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if r["split"] == "train"] == [10, 20, 30]
+    assert {"loss", "accuracy", "grad_norm", "learning_rate", "images_per_sec"} <= records[0].keys()
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert (tmp_path / "checkpoints" / "30").is_dir() and list((tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--config.learnin_rate=0.1"], {}, "unknown config key 'learnin_rate'.*Did you mean learning_rate"),
+    (["--config.model=resnet_18"], {}, "unknown model 'resnet_18'. Did you mean: resnet18"),
+    (["--config.model=vit_tiny_patch16_224"], {}, "cannot take images of shape \\(28, 28, 1\\).*config.resize"),
+    (["--config.dataset=cifar11"], {}, "Unknown dataset 'cifar11'"),
+    ([], {"HYBRID_JAX_FASHION_MNIST_DIR": "/nonexistent"}, "apt-get install dataset-fashion-mnist"),
+])
+def test_cli_bad_input_gives_one_clear_message(fmnist_dir, tmp_path, args, env, message):
+
+    # The missing-dataset case needs an unprepared data dir, so that the build is attempted.
+    data_dir = str(tmp_path / "fresh_tfds") if env else fmnist_dir
+    code, _, err = _run_cli(tmp_path / "run", data_dir, *args, env=env)
+    assert code != 0
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_cli_nan_loss_is_one_clear_message(fmnist_dir, tmp_path):
+    code, _, err = _run_cli(tmp_path, fmnist_dir, "--config.learning_rate=1e30", "--config.clip_norm=0",
+                            "--config.warmup_steps=0", "--config.log_every=1")
+    assert code != 0 and "Traceback" not in err
+    assert "training diverged at step" in err
+
+
+def _wait_for_checkpoint(workdir: Path, process: subprocess.Popen, timeout: float = 180) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+        if steps:
+            return max(steps)
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.05)
+    raise TimeoutError("no checkpoint appeared")
+
+
+def test_resume_after_sigkill_and_sigterm_is_bit_identical(fmnist_dir, tmp_path):
+    steps = ["--config.total_steps=120", "--config.checkpoint_every=10", "--config.log_every=1",
+             "--config.eval_every=1000", "--config.async_checkpoint=False"]
+    code, _, err = _run_cli(tmp_path / "straight", fmnist_dir, *steps)
+    assert code == 0, err
+
+    interrupted = tmp_path / "interrupted"
+    process = _cli(interrupted, fmnist_dir, *steps)
+    killed_after = _wait_for_checkpoint(interrupted, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL and killed_after < 120
+
+    process = _cli(interrupted, fmnist_dir, *steps)  # resumes, then is asked to stop politely
+    while max(int(p.name) for p in (interrupted / "checkpoints").glob("*") if p.name.isdigit()) <= killed_after:
+        assert process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and "stopped at step" in err, err
+
+    code, _, err = _run_cli(interrupted, fmnist_dir, *steps)
+    assert code == 0, err
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), _final_params(interrupted, 120),
+                 _final_params(tmp_path / "straight", 120))
+    # Same data order: every step's loss after each resume equals the uninterrupted run's.
+    straight = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight") if r["split"] == "train"}
+    resumed = [(r["step"], r["loss"]) for r in read_metrics(interrupted) if r["split"] == "train"]
+    assert len({s for s, _ in resumed}) == 120
+    assert all(loss == straight[s] for s, loss in resumed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(fmnist_dir, tmp_path):
+    steps = ["--config.total_steps=6", "--config.log_every=1", "--config.checkpoint_every=6",
+             "--config.eval_every=1000"]
+    four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    code, _, err = _run_cli(tmp_path / "one", fmnist_dir, *steps,
+                            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert code == 0, err
+    address = f"localhost:{_free_port()}"
+    processes = [_cli(tmp_path / "two", fmnist_dir, *steps, "--config.distributed=True",
+                      f"--config.coordinator_address={address}", "--config.num_processes=2",
+                      f"--config.process_id={i}", env=four_devices) for i in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+    one = [r["loss"] for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
+    two = [r["loss"] for r in read_metrics(tmp_path / "two") if r["split"] == "train"]
+    assert len(one) == 6
+    np.testing.assert_allclose(two, one, rtol=1e-5)
