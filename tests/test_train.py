@@ -301,3 +301,20 @@ def test_two_processes_train_like_one(fmnist_dir, tmp_path):
     two = [r["loss"] for r in read_metrics(tmp_path / "two") if r["split"] == "train"]
     assert len(one) == 6
     np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path, arg", [("fashion_mnist", ""), ("fashion_mnist", "smoke"), ("cifar10", ""),
+                                       ("cifar10", "cifar100"), ("imagenet2012", "vit_base_r50_s16_224")])
+def test_every_config_loads_and_names_a_registered_model(path, arg):
+    import importlib.util
+
+    from hybrid_jax import list_models
+    from hybrid_jax.train.config import check_values
+
+    spec = importlib.util.spec_from_file_location(path, ROOT / "configs" / f"{path}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    check_keys(config)
+    check_values(config)
+    assert config.model in list_models()

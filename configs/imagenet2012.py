@@ -1,0 +1,43 @@
+"""ImageNet-1k at 224 px: the DeiT recipe for any registered model, data from a tfds manual dir.
+
+python -m hybrid_jax.main --config configs/imagenet2012.py:vit_base_r50_s16_224 --workdir gs://bucket/run \
+    --config.distributed=True --config.mesh_shape='(-1, 1, 1)'
+
+Prepare once: `tfds build imagenet2012 --file_format=array_record --manual_dir=DIR_WITH_THE_TARS`.
+Images are resized to 224x224 on the host (tfds stores them at full size and varying shape) and
+random-resized-cropped back to 224 on device, so the host only decodes and resizes.
+"""
+
+from hybrid_jax.train.config import default_config
+
+
+def get_config(arg: str | None = None):
+    """`arg`: the registry name of the model (default deit_small_patch16_224)."""
+    c = default_config()
+    c.model = arg or "deit_small_patch16_224"
+    c.model_overrides.drop_path_rate = 0.1
+    c.dataset = "imagenet2012"
+    c.eval_split = "validation"
+    c.resize = (224, 224)
+    c.worker_count = 8
+    c.read_threads = 16
+    c.batch_size = 1024
+    c.eval_batch_size = 1000
+    c.num_epochs = 300.0
+    c.learning_rate = 1e-3  # 5e-4 x batch / 512, DeiT's scaling rule
+    c.min_learning_rate = 1e-5
+    c.warmup_steps = 5 * 1251
+    c.weight_decay = 0.05
+    c.label_smoothing = 0.1
+    c.ema_decay = 0.99996
+    c.augment.random_resized_crop = True
+    c.augment.randaug_num_ops = 2
+    c.augment.randaug_magnitude = 9.0
+    c.augment.mixup_alpha = 0.8
+    c.augment.cutmix_alpha = 1.0
+    c.augment.mean = (0.485, 0.456, 0.406)
+    c.augment.std = (0.229, 0.224, 0.225)
+    c.dtype = "bfloat16"
+    c.log_every = 100
+    c.checkpoint_every = 5000
+    return c
