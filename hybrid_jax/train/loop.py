@@ -36,7 +36,7 @@ from hybrid_jax.parallel.mesh import make_mesh
 from hybrid_jax.parallel.rules import DEFAULT_RULES
 from hybrid_jax.train.config import ConfigError, check_keys, check_values
 from hybrid_jax.train.optim import make_optimizer
-from hybrid_jax.train.state import TrainState, create_train_state
+from hybrid_jax.train.state import TrainState, plan_train_state
 from hybrid_jax.train.step import eval_step, train_step
 
 BATCH_AXES = PartitionSpec(("data", "fsdp"))
@@ -163,8 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     total_steps = config.total_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
     eval_every = config.eval_every or steps_per_epoch
     tx, schedule = make_optimizer(config, max(total_steps // config.grad_accum_steps, 1))
-    state, state_shardings = create_train_state(model, tx, image_shape, seed=config.seed,
-                                                use_ema=config.ema_decay > 0, mesh=mesh, rules=DEFAULT_RULES)
+    build_state, abstract_state, state_shardings = plan_train_state(
+        model, tx, image_shape, seed=config.seed, use_ema=config.ema_decay > 0, mesh=mesh, rules=DEFAULT_RULES)
     augment = _augment_config(config, image_shape)
 
     batch_sharding = NamedSharding(mesh, BATCH_AXES)
@@ -189,11 +189,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.max_to_keep,
                                 async_save=config.async_checkpoint)
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                                  state_shardings)
     restored = checkpointer.restore_latest(abstract_state)
     start_step = 0
-    if restored is not None:
+    if restored is None:
+        state = build_state()
+    else:
         start_step, state, data_position = restored
         data_iter.set_state(data_position)
         log.info("resumed from step %d in %s", start_step, checkpointer.directory)

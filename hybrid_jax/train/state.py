@@ -1,6 +1,6 @@
 """The train state, created directly in its sharded layout."""
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -23,17 +23,19 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array  # base key; step k uses fold_in(rng, k), so resuming needs no key bookkeeping
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], *,
-                       seed: int, use_ema: bool, mesh: Mesh, rules: Rules) -> tuple[TrainState, TrainState]:
-    """Initialises the state so every array is born sharded as the logical rules say.
+def plan_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], *,
+                     seed: int, use_ema: bool, mesh: Mesh,
+                     rules: Rules) -> tuple[Callable[[], TrainState], TrainState, TrainState]:
+    """How to build the state sharded, without building it (a resumed run restores instead).
 
-    The init runs under `jax.eval_shape` first to learn the state's structure and the
-    logical axis names of its parameters (optimizer moments and EMA inherit them,
-    because optax maps over the boxed parameters); a jit with those out_shardings then
-    materialises each shard on its own device.
+    The init runs under `jax.eval_shape` to learn the state's structure and the logical
+    axis names of its parameters (optimizer moments and EMA inherit them, because optax
+    maps over the boxed parameters); a jit with the resulting out_shardings then
+    materialises each shard on its own device, so no host ever holds the whole state.
 
     Returns:
-      (state, state shardings), the latter to hand to jit as in/out shardings.
+      (init: builds the state, abstract state of ShapeDtypeStructs carrying shardings,
+      state shardings for jit's in/out_shardings).
     """
     def init(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
@@ -45,7 +47,21 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image
                           ema_params=params if use_ema else None, rng=state_rng)
 
     rng = jax.random.PRNGKey(seed)
-    shardings = logical_shardings(jax.eval_shape(init, rng), mesh, rules)
-    with jax.set_mesh(mesh):
-        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
-    return state, shardings
+    boxed = jax.eval_shape(init, rng)
+    shardings = logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.meta.unbox(boxed), shardings)
+
+    def build() -> TrainState:
+        with jax.set_mesh(mesh):
+            return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+
+    return build, abstract, shardings
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], *,
+                       seed: int, use_ema: bool, mesh: Mesh, rules: Rules) -> tuple[TrainState, TrainState]:
+    """A fresh sharded state and its shardings (see `plan_train_state`)."""
+    build, _, shardings = plan_train_state(model, tx, image_shape, seed=seed, use_ema=use_ema, mesh=mesh,
+                                           rules=rules)
+    return build(), shardings
