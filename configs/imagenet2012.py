@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
     """`arg`: the registry name of the model (default deit_small_patch16_224)."""
     c = default_config()
     c.model = arg or "deit_small_patch16_224"
-    c.model_overrides.drop_path_rate = 0.1
+    c.model_overrides = "drop_path_rate=0.1"
     c.dataset = "imagenet2012"
     c.eval_split = "validation"
     c.resize = (224, 224)

@@ -135,6 +135,17 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
     assert not mask["pos_embed"] and not mask["cls_token"]
 
 
+def test_model_overrides_parse_literals_and_reject_the_rest():
+    from hybrid_jax.train.config import parse_overrides
+
+    assert parse_overrides("depth=4, hybrid_layers=(2,), attn_impl='xla'") == dict(
+        depth=4, hybrid_layers=(2,), attn_impl="xla")
+    assert parse_overrides(" ") == {}
+    for bad in ("depth=four", "4", "depth=4,,"):
+        with pytest.raises(ConfigError, match="field=value"):
+            parse_overrides(bad)
+
+
 def test_unknown_config_key_names_close_matches():
     config = default_config()
     config.learnig_rate = 0.1

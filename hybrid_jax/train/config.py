@@ -5,7 +5,9 @@ not here does not exist, and `--config.key=value` on the command line is checked
 against this list (with close matches suggested) before anything runs.
 """
 
+import ast
 import difflib
+from typing import Any
 
 import ml_collections
 
@@ -16,7 +18,9 @@ def default_config() -> ml_collections.ConfigDict:
     """The defaults for a classification run."""
     c = ml_collections.ConfigDict()
     c.model = "test_resnet"  # any name in hybrid_jax.list_models()
-    c.model_overrides = ml_collections.ConfigDict()  # extra fields of the model, e.g. drop_path_rate
+    # Fields of the model to change, as keyword arguments: "drop_path_rate=0.1, hybrid_layers=(2,)".
+    # A string, so that the command line can set fields the config file does not mention.
+    c.model_overrides = ""
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and loss stay float32)
 
     c.dataset = "fashion_mnist"  # tfds name; fashion_mnist is built offline from the Debian package
@@ -86,12 +90,10 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
     for key, value in config.items():
         path = f"{prefix}{key}"
         if key not in reference:
-            if prefix == "model_overrides.":
-                continue  # model fields are checked by the registry against the model itself
             close = difflib.get_close_matches(key, list(reference.keys()), n=3)
             hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key {path!r}.{hint}")
-        if isinstance(value, ml_collections.ConfigDict) and key != "model_overrides":
+        if isinstance(value, ml_collections.ConfigDict):
             check_keys(value, reference[key], f"{path}.")
 
 
@@ -107,3 +109,17 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("set config.num_epochs > 0 or config.total_steps > 0.")
     if config.log_every <= 0 or config.checkpoint_every <= 0:
         raise ConfigError("config.log_every and config.checkpoint_every must be positive.")
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Turns "depth=4, hybrid_layers=(2,)" into keyword arguments; values are Python literals."""
+    if not text.strip():
+        return {}
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+        if call.args:
+            raise ValueError("every item needs a name: field=value")
+        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError) as error:
+        raise ConfigError(f"config.model_overrides={text!r} is not a list of field=value with Python literal "
+                          f"values, e.g. \"drop_path_rate=0.1, hybrid_layers=(2,)\" ({error}).") from error

@@ -34,7 +34,7 @@ from hybrid_jax.data.augment import AugmentConfig
 from hybrid_jax.metrics import MetricsWriter, ProgressBar, plot_curves
 from hybrid_jax.parallel.mesh import make_mesh
 from hybrid_jax.parallel.rules import DEFAULT_RULES
-from hybrid_jax.train.config import ConfigError, check_keys, check_values
+from hybrid_jax.train.config import ConfigError, check_keys, check_values, parse_overrides
 from hybrid_jax.train.optim import make_optimizer
 from hybrid_jax.train.state import TrainState, plan_train_state
 from hybrid_jax.train.step import eval_step, train_step
@@ -153,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     try:
         model = create_model(config.model, num_classes=train_spec.num_classes, dtype=dtype,
-                             **config.model_overrides.to_dict())
+                             **parse_overrides(config.model_overrides))
     except (ValueError, TypeError) as error:  # unknown model name or field, with close matches
         raise ConfigError(f"config.model / config.model_overrides: {error}") from error
     _check_model_takes(model, image_shape, config.model)
