@@ -31,7 +31,7 @@ class Complexity:
 
     params: int
     gmacs: float  # paper convention: conv + matmul multiply-adds, billions
-    xla_gflops: float  # XLA cost analysis of the compiled forward, billions
+    xla_gflops: float | None  # XLA cost analysis of the compiled forward, billions; None if not compiled
     input_size: int
 
 
@@ -76,19 +76,23 @@ def xla_flops(fn: Callable, *args: Any) -> float:
     return float(analysis["flops"])
 
 
-def measure(model: nn.Module, input_size: int, channels: int = 3) -> Complexity:
-    """Parameters, GMACs and XLA flops of `model` at a square `input_size`, without allocating it."""
+def measure(model: nn.Module, input_size: int, channels: int = 3, *, xla: bool = True) -> Complexity:
+    """Parameters, GMACs and XLA flops of `model` at a square `input_size`, without allocating it.
+
+    `xla=False` skips compiling the forward (the slow part for large models) and leaves xla_gflops None.
+    """
     image = jax.ShapeDtypeStruct((1, input_size, input_size, channels), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
     variables = nn.meta.unbox(variables)
     forward = lambda v, x: model.apply(v, x, train=False)
-    return Complexity(count_params(variables["params"]), count_macs(forward, variables, image) / 1e9,
-                      xla_flops(forward, variables, image) / 1e9, input_size)
+    gflops = xla_flops(forward, variables, image) / 1e9 if xla else None
+    return Complexity(count_params(variables["params"]), count_macs(forward, variables, image) / 1e9, gflops,
+                      input_size)
 
 
-def measure_registered(name: str, input_size: int | None = None) -> Complexity:
+def measure_registered(name: str, input_size: int | None = None, *, xla: bool = True) -> Complexity:
     """`measure` for a registered model, at its paper's input size unless told otherwise."""
-    return measure(create_model(name), input_size or model_info(name).input_size)
+    return measure(create_model(name), input_size or model_info(name).input_size, xla=xla)
 
 
 def _ratio(measured: float, paper: float | None) -> str:
