@@ -1,4 +1,7 @@
-"""The model zoo. Each family module registers its variants when imported here."""
+"""The model zoo. Every module in this package is a family that registers its variants on import."""
 
-from hybrid_jax.models import resnet, vit  # noqa: F401  (registration)
-from hybrid_jax.models import mobile_former  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
+for _family in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_family.name}")
