@@ -10,6 +10,7 @@ shell-style patterns. Family files register their variants when
 import dataclasses
 import difflib
 import fnmatch
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -87,17 +88,22 @@ def model_info(name: str) -> ModelEntry:
     return _entry(name)
 
 
-def create_model(name: str, *, num_classes: int | None = None, dtype: Any = None, **overrides: Any) -> nn.Module:
+def create_model(name: str, *, num_classes: int | None = None, dtype: Any = None,
+                 pretrained: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
     """Builds the variant `name`; keyword arguments override its fields.
 
     Args:
       name: a registered name, e.g. "vit_base_patch16_224" (see `list_models`).
       num_classes: classifier width; 0 returns pooled features instead of logits.
       dtype: compute dtype, e.g. jnp.bfloat16 (parameters stay float32).
+      pretrained: a local timm / Hugging Face checkpoint (.safetensors, or .pth with
+        torch installed) to convert and load; nothing is downloaded.
       **overrides: any other field of the model's module, e.g. drop_path_rate=0.1.
 
     Returns:
       An unbound Flax module: `variables = model.init(rng, images, train=False)`.
+      With `pretrained`, the module bound to the converted variables: call it
+      directly, or `module, variables = model.unbind()` for jit.
     """
     entry = _entry(name)
     if num_classes is not None:
@@ -105,7 +111,12 @@ def create_model(name: str, *, num_classes: int | None = None, dtype: Any = None
     if dtype is not None:
         overrides["dtype"] = dtype
     _check_fields(name, entry.module, overrides)
-    return entry.module(**{**entry.fields, **overrides})
+    model = entry.module(**{**entry.fields, **overrides})
+    if pretrained is None:
+        return model
+    from hybrid_jax.convert import load_pretrained
+
+    return model.bind(load_pretrained(name, pretrained, model))
 
 
 def list_models(pattern: str = "*", *, category: str | None = None) -> list[str]:
