@@ -1,0 +1,199 @@
+"""Benchmarks of registered models on the current device: cost, compile time, throughput, memory, MFU.
+
+  python -m hybrid_jax.analysis.benchmark --models 'conformer*' --batch 32 [--train] [--attn xla,cudnn]
+      [--dtype bfloat16] [--out results/bench]
+
+Per model and attention implementation: parameters and GMACs (beside the paper's),
+the compile time of the jitted forward (and train step), inference (and training)
+images per second as the median of timed steps after a warm-up, each ended by
+`block_until_ready`, the memory XLA plans for the program, and the model FLOP
+utilisation: the compiled program's flops (XLA cost analysis) per second over the
+device's peak. The peak is only known for the accelerators in `PEAK_TFLOPS` (bf16
+dense); elsewhere pass `--peak_tflops` or MFU is left out. The train step is the
+training loop's own (`hybrid_jax.train.step.train_step`: augmentation, AdamW, EMA off).
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrid_jax.analysis.flops import count_macs
+from hybrid_jax.registry import create_model, list_models, model_info
+
+# Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets; H100 PCIe is about 756).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+@dataclasses.dataclass
+class Result:
+    model: str
+    attn_impl: str  # "-" for models without attention
+    batch: int
+    dtype: str
+    params: int
+    gmacs: float  # per image, at the model's registered resolution
+    paper_params_m: float | None
+    paper_gmacs: float | None
+    compile_s: float
+    infer_img_s: float
+    infer_bytes: int  # XLA's planned arguments + outputs + temporaries of the forward
+    infer_mfu: float | None
+    train_compile_s: float | None = None
+    train_img_s: float | None = None
+    train_bytes: int | None = None
+    train_mfu: float | None = None
+
+
+def device_peak_flops(override_tflops: float | None = None) -> float | None:
+    """The device's peak FLOP/s: the override, or the table entry its kind names, or None."""
+    if override_tflops:
+        return override_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS.items() if name in kind), None)
+
+
+def _planned_bytes(compiled) -> int:
+    memory = compiled.memory_analysis()
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+               - memory.alias_size_in_bytes)
+
+
+def _flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
+
+
+def _median_seconds(run, steps: int) -> float:
+    """Median wall time of `run()` over `steps` calls, after one untimed warm-up call."""
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _timed_compile(fn, *args):
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _model_and_impls(name: str, impls: list[str], dtype) -> list[tuple[nn.Module, str]]:
+    """One model per attention implementation it can run here ("-" for models without attention)."""
+    probe = create_model(name)
+    if not hasattr(probe, "attn_impl"):
+        return [(create_model(name, dtype=dtype), "-")]
+    runnable = [impl for impl in impls if impl != "cudnn" or jax.default_backend() == "gpu"]
+    return [(create_model(name, dtype=dtype, attn_impl=impl), impl) for impl in runnable]
+
+
+def _train_step(model: nn.Module, size: int, batch: int, peak: float | None, steps: int):
+    from hybrid_jax.data.augment import AugmentConfig
+    from hybrid_jax.parallel.mesh import make_mesh
+    from hybrid_jax.parallel.rules import DEFAULT_RULES
+    from hybrid_jax.train.config import default_config
+    from hybrid_jax.train.optim import make_optimizer
+    from hybrid_jax.train.state import create_train_state
+    from hybrid_jax.train.step import train_step
+
+    tx, schedule = make_optimizer(default_config(), 1000)
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    state, _ = create_train_state(model, tx, (size, size, 3), seed=0, use_ema=False, mesh=mesh, rules=DEFAULT_RULES)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, model.num_classes, (batch,), dtype=np.int32))
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=AugmentConfig(),
+                             num_classes=model.num_classes, label_smoothing=0.1, ema_decay=0.0, grad_accum_steps=1)
+    batch_ = {"image": images, "label": labels}
+    compiled, compile_s = _timed_compile(step, state, batch_)
+    seconds = _median_seconds(lambda: compiled(state, batch_)[1]["loss"], steps)
+    mfu = _flops(compiled) / seconds / peak if peak else None
+    return compile_s, batch / seconds, _planned_bytes(compiled), mfu
+
+
+def benchmark(name: str, *, batch: int = 32, impls: tuple[str, ...] = ("xla",), dtype: str = "float32",
+              steps: int = 5, train: bool = False, peak_tflops: float | None = None) -> list[Result]:
+    """Results for `name` at its registered resolution, one per runnable attention implementation."""
+    entry, size = model_info(name), model_info(name).input_size
+    peak = device_peak_flops(peak_tflops)
+    results = []
+    for model, impl in _model_and_impls(name, list(impls), jnp.dtype(dtype)):
+        images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
+        variables = jax.jit(lambda x: nn.meta.unbox(model.init(jax.random.key(0), x[:1], train=False)))(images)
+        forward = lambda v, x: model.apply(v, x.astype(model.dtype), train=False)
+        compiled, compile_s = _timed_compile(forward, variables, images)
+        seconds = _median_seconds(lambda: compiled(variables, images), steps)
+        params = sum(x.size for x in jax.tree.leaves(variables["params"]))
+        gmacs = count_macs(forward, variables, images[:1]) / 1e9
+        result = Result(name, impl, batch, dtype, params, gmacs, entry.paper and entry.paper.params_m,
+                        entry.paper and entry.paper.gmacs, compile_s, batch / seconds, _planned_bytes(compiled),
+                        _flops(compiled) / seconds / peak if peak else None)
+        if train:
+            result.train_compile_s, result.train_img_s, result.train_bytes, result.train_mfu = _train_step(
+                model, size, batch, peak, steps)
+        results.append(result)
+    return results
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown_table(results: list[Result]) -> str:
+    header = ("| model | attn | params | paper M | GMACs | paper GMACs | compile s | infer img/s | infer GiB | "
+              "infer MFU | train compile s | train img/s | train GiB | train MFU |")
+    rows = [header, "|---|---|" + "---:|" * 12]
+    gib = lambda b: None if b is None else b / 2 ** 30
+    for r in results:
+        rows.append(f"| {r.model} | {r.attn_impl} | {r.params:,} | {_cell(r.paper_params_m, '.3f')} | "
+                    f"{r.gmacs:.3f} | {_cell(r.paper_gmacs, '.3f')} | {r.compile_s:.1f} | {r.infer_img_s:.1f} | "
+                    f"{gib(r.infer_bytes):.2f} | {_cell(r.infer_mfu, '.1%')} | {_cell(r.train_compile_s, '.1f')} | "
+                    f"{_cell(r.train_img_s, '.1f')} | {_cell(gib(r.train_bytes), '.2f')} | "
+                    f"{_cell(r.train_mfu, '.1%')} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", required=True, help="shell-style pattern over registered names")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--attn", default="xla", help="comma-separated: xla,cudnn (cudnn only on GPU)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--train", action="store_true", help="also time the training step")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU, TFLOP/s")
+    parser.add_argument("--out", default="", help="write OUT.md and OUT.json")
+    args = parser.parse_args(argv)
+    names = list_models(args.models)
+    if not names:
+        raise SystemExit(f"no registered model matches {args.models!r}; see hybrid_jax.list_models()")
+    peak = device_peak_flops(args.peak_tflops)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), peak for MFU: "
+          f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (pass --peak_tflops)'}", flush=True)
+    results = []
+    for name in names:
+        results += benchmark(name, batch=args.batch, impls=tuple(args.attn.split(",")), dtype=args.dtype,
+                             steps=args.steps, train=args.train, peak_tflops=args.peak_tflops)
+        print(markdown_table(results[-1:]).splitlines()[-1], flush=True)
+    table = markdown_table(results)
+    print("\n" + table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(table + "\n")
+        out.with_suffix(".json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()
