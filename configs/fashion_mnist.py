@@ -13,10 +13,12 @@ from hybrid_jax.train.config import default_config
 def get_config(arg: str | None = None):
     """`arg`: "" for the full run, "smoke" for a 30-step check of the whole pipeline."""
     c = default_config()
-    c.model = "test_resnet"
+    # CNN and ViT branches coupled by gating after stages 1-3; 0.025 GMACs at 28 px.
+    # Measured: 88.96% test accuracy after 4 epochs (README, "Install and run").
+    c.model = "parallel_hybrid_tiny"
     c.dataset = "fashion_mnist"
     c.batch_size = 128
-    c.num_epochs = 5.0
+    c.num_epochs = 4.0
     c.optimizer = "adamw"
     c.learning_rate = 2e-3
     c.warmup_steps = 200
@@ -27,7 +29,8 @@ def get_config(arg: str | None = None):
     c.augment.std = (0.353,)
     c.log_every = 50
     c.checkpoint_every = 1000
-    if arg == "smoke":
+    if arg == "smoke":  # the few-thousand-parameter ResNet keeps the CLI tests quick
+        c.model = "test_resnet"
         c.total_steps = 30
         c.warmup_steps = 5
         c.log_every = 10
