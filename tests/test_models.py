@@ -78,6 +78,11 @@ def test_params_and_gmacs_match_paper(name):
     assert measured.gmacs == pytest.approx(paper.gmacs, rel=0.05), paper.source
 
 
+# XLA expands exact (erf) GELU into ~64 flops per element: families with wide GELU MLPs on high-resolution
+# maps and few multiply-adds (EdgeNeXt-XXS: XLA/2 = 1.24 x MACs, CoAtNet-0: 1.12; 1.02 with ReLU) exceed 10%.
+ERF_GELU_HEAVY = {"edgenext", "maxxvit"}
+
+
 @pytest.mark.parametrize("name", default_or_slow(PAPER_MODELS))
 def test_xla_flops_agree_with_the_mac_count(name):
     """XLA's own count differs only by elementwise work and padded conv taps.
@@ -86,6 +91,8 @@ def test_xla_flops_agree_with_the_mac_count(name):
     """
     measured = measure_registered(name)
     tolerance = 0.10 if measured.gmacs >= 0.1 else 0.20
+    if model_info(name).family in ERF_GELU_HEAVY:
+        tolerance = 0.25
     assert measured.xla_gflops / 2 == pytest.approx(measured.gmacs, rel=tolerance)
 
 
