@@ -52,7 +52,7 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
-    return {key: value.detach().float().numpy() for key, value in state.items() if hasattr(value, "detach")}
+    return to_numpy({key: value for key, value in state.items() if hasattr(value, "detach")})
 
 
 def to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -78,9 +78,6 @@ class StateDict:
 
     def __contains__(self, key: str) -> bool:
         return key in self._tensors
-
-    def keys(self, prefix: str = "") -> list[str]:
-        return [key for key in self._tensors if key.startswith(prefix)]
 
     def take(self, key: str) -> np.ndarray:
         """The tensor `key`, as stored."""
@@ -163,7 +160,7 @@ def model_shapes(model: nn.Module, image_size: int, channels: int = 3) -> Variab
 
 def check_against_model(variables: Variables, expected: Variables) -> Variables:
     """`variables` as float32 jax arrays, after checking it has exactly the paths and shapes of `expected`."""
-    got = flax.traverse_util.flatten_dict({k: v for k, v in variables.items()}, sep="/")
+    got = flax.traverse_util.flatten_dict(variables, sep="/")
     want = flax.traverse_util.flatten_dict({k: v for k, v in expected.items() if k in ("params", "batch_stats")},
                                            sep="/")
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
