@@ -79,8 +79,9 @@ def test_params_and_gmacs_match_paper(name):
 
 
 # XLA expands exact (erf) GELU into ~64 flops per element: families with wide GELU MLPs on high-resolution
-# maps and few multiply-adds (EdgeNeXt-XXS: XLA/2 = 1.24 x MACs, CoAtNet-0: 1.12; 1.02 with ReLU) exceed 10%.
-ERF_GELU_HEAVY = {"edgenext", "maxxvit"}
+# maps and few multiply-adds (EdgeNeXt-XXS: XLA/2 = 1.24 x MACs, CoAtNet-0: 1.12; 1.02 with ReLU; CMT-Ti:
+# 1.28) exceed 10%.
+ERF_GELU_HEAVY = {"edgenext", "maxxvit", "cmt"}
 
 
 @pytest.mark.parametrize("name", default_or_slow(PAPER_MODELS))
@@ -92,7 +93,7 @@ def test_xla_flops_agree_with_the_mac_count(name):
     measured = measure_registered(name)
     tolerance = 0.10 if measured.gmacs >= 0.1 else 0.20
     if model_info(name).family in ERF_GELU_HEAVY:
-        tolerance = 0.25
+        tolerance = 0.30
     assert measured.xla_gflops / 2 == pytest.approx(measured.gmacs, rel=tolerance)
 
 
@@ -101,6 +102,20 @@ def _randomized(params, key):
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
     return treedef.unflatten([0.1 * jax.random.normal(k, p.shape, p.dtype) + p for k, p in zip(keys, leaves)])
+
+
+def _unreachable_by_design(name: str) -> set[str]:
+    """Parameters that cannot reach the logits in the network's own design.
+
+    CvT classifies from a class token that joins in the last stage and is never convolved, so the last block's
+    convolutional query projection acts only on patch tokens whose outputs no later layer reads.
+    """
+    model = create_model(name)
+    if model_info(name).family != "cvt" or not model.cls_token:
+        return set()
+    stage, block = len(model.depths) - 1, model.depths[-1] - 1
+    return {f"['stages_{stage}']['blocks_{block}']['attn']['conv_proj_q']{leaf}"
+            for leaf in ("['conv']['kernel']", "['norm']['bias']", "['norm']['scale']")}
 
 
 def _check_every_parameter_gets_gradient(name):
@@ -117,7 +132,7 @@ def _check_every_parameter_gets_gradient(name):
     grads = jax.jit(jax.grad(loss))(params)
     dead = [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
             if not np.any(np.asarray(g) != 0)]
-    assert not dead, f"parameters without gradient: {dead}"
+    assert set(dead) == _unreachable_by_design(name), f"parameters without gradient: {dead}"
     assert count_params(grads) == count_params(params)
 
 
