@@ -35,8 +35,10 @@ _EXTRAS = {
     "parity": ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0.15", "transformers>=4.50", "safetensors>=0.4"],
     "notebooks": ["jupyter", "nbclient>=0.10", "nbformat>=5.10", "matplotlib>=3.8"],
 }
-# The tests exercise the data pipeline and the training loop too.
-_EXTRAS["test"] = ["pytest>=8", "pytest-xdist>=3.6", *_EXTRAS["data"], *_EXTRAS["train"]]
+# The tests exercise the data pipeline and the training loop too, and execute experiments/*.ipynb
+# (tests/test_notebooks.py: nbclient drives an ipykernel of the running interpreter).
+_EXTRAS["test"] = ["pytest>=8", "pytest-xdist>=3.6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                   *_EXTRAS["data"], *_EXTRAS["train"]]
 _EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
 
 setuptools.setup(

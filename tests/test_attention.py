@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hybrid_jax.layers import MultiHeadAttention, attention_path, dot_product_attention
+from hybrid_jax.layers.attention import ATTENTION_WEIGHTS, attention_weights
 
 
 def naive_attention(q, k, v, bias=None, mask=None, scale=None):
@@ -116,3 +117,37 @@ def test_gradients_match_reference():
     ref = jax.grad(loss(einsum_attention), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# The interpretability path: probabilities sown only when asked
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("key_dim,value_dim,with_bias,with_mask", [(16, 16, False, False), (16, 64, True, True)])
+def test_attention_weights_reproduce_the_entry_point(key_dim, value_dim, with_bias, with_mask):
+    """weights @ v is the entry point's output, for plain, biased, masked and LeViT-shaped attention."""
+    q, k, v = random_qkv(jax.random.key(15), q_len=5, kv_len=6, key_dim=key_dim, value_dim=value_dim)
+    bias = jax.random.normal(jax.random.key(16), (3, 5, 6)) if with_bias else None
+    mask = jax.random.bernoulli(jax.random.key(17), 0.6, (2, 1, 5, 6)).at[..., 0].set(True) if with_mask else None
+    weights = attention_weights(q, k, bias, mask, scale=0.2)
+    assert weights.shape == (2, 3, 5, 6) and weights.dtype == jnp.float32
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+    if with_mask:
+        assert not np.any(np.asarray(weights)[~np.broadcast_to(np.asarray(mask), weights.shape)])
+    out = dot_product_attention(q, k, v, bias, mask, scale=0.2)
+    np.testing.assert_allclose(jnp.einsum("bnts,bsnh->btnh", weights, v), out, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_are_sown_only_when_the_collection_is_mutable():
+    x = jax.random.normal(jax.random.key(18), (2, 9, 24))
+    module = MultiHeadAttention(num_heads=4)
+    variables = module.init(jax.random.key(19), x)
+    assert ATTENTION_WEIGHTS not in variables  # init makes every collection mutable, and still sows nothing
+    out, state = module.apply(variables, x, mutable=[ATTENTION_WEIGHTS])
+    (weights,) = state[ATTENTION_WEIGHTS]["weights"]
+    assert weights.shape == (2, 4, 9, 9)
+    np.testing.assert_array_equal(out, module.apply(variables, x))
+    # The default path traces no second softmax: the sown one adds exactly one more exp.
+    count_exp = lambda **kw: str(jax.make_jaxpr(lambda v: module.apply(v, x, **kw))(variables)).count(" exp ")
+    assert count_exp(mutable=[ATTENTION_WEIGHTS]) == count_exp() + 1

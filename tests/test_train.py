@@ -19,7 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from hybrid_jax import create_model
+from hybrid_jax import create_model, list_models, model_info
 from hybrid_jax.data.augment import AugmentConfig
 from hybrid_jax.data.pipeline import get_builder
 from hybrid_jax.metrics import read_metrics
@@ -65,9 +65,10 @@ def _train_on_mesh(model_name: str, mesh_shape, devices, steps: int = 3, optimiz
     config = default_config()
     config.update(dict(warmup_steps=1, learning_rate=1e-2, optimizer=optimizer))
     model = create_model(model_name, num_classes=10)
+    size = model_info(model_name).input_size
     tx, schedule = make_optimizer(config, 10)
     mesh = make_mesh(mesh_shape, devices=devices)
-    state, shardings = create_train_state(model, tx, (32, 32, 3), seed=0, use_ema=True, mesh=mesh,
+    state, shardings = create_train_state(model, tx, (size, size, 3), seed=0, use_ema=True, mesh=mesh,
                                           rules=DEFAULT_RULES)
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=AugmentConfig(),
@@ -76,7 +77,7 @@ def _train_on_mesh(model_name: str, mesh_shape, devices, steps: int = 3, optimiz
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):
-        batch = {"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        batch = {"image": rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8),
                  "label": rng.integers(0, 10, (16,), dtype=np.int32)}
         state, metrics = step(state, jax.device_put(batch, batch_sharding))
         losses.append(float(metrics["loss"]))
@@ -106,6 +107,18 @@ def test_parallel_hybrids_train_on_a_mesh_like_on_one_device(model_name, mesh_sh
     """Losses to 1e-5 as for the baselines; parameters to 1e-4. Each step moves a weight by about
     lr * |grad| ~ 1e-2, so a wrong gradient shows at 1e-2, while reduction-order rounding through
     Conformer's two branches reaches 7e-5 on its stem kernel in three steps (it varies run to run)."""
+    _check_mesh_matches_one_device(model_name, mesh_shape, param_atol=1e-4)
+
+
+SERIAL_AND_HIERARCHICAL = [name for name in list_models("test_*")
+                           if model_info(name).category in ("serial", "hierarchical")]
+
+
+@pytest.mark.parametrize("model_name", SERIAL_AND_HIERARCHICAL)
+def test_serial_and_hierarchical_hybrids_train_on_a_mesh_like_on_one_device(model_name):
+    """One small model per family, on a data x fsdp mesh or a data x tensor one, in turn (not all three axes > 1:
+    see test_xla_three_axis_mesh_gradient_bug)."""
+    mesh_shape = (4, 2, 1) if SERIAL_AND_HIERARCHICAL.index(model_name) % 2 else (2, 1, 4)
     _check_mesh_matches_one_device(model_name, mesh_shape, param_atol=1e-4)
 
 

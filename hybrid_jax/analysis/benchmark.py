@@ -2,6 +2,7 @@
 
   python -m hybrid_jax.analysis.benchmark --models 'conformer*' --batch 32 [--train] [--attn xla,cudnn]
       [--dtype bfloat16] [--out results/bench]
+  python -m hybrid_jax.analysis.benchmark --models 'resnet50' --batch 8 --torch   # against PyTorch on this CPU
 
 Per model and attention implementation: parameters and GMACs (beside the paper's),
 the compile time of the jitted forward (and train step), inference (and training)
@@ -11,15 +12,27 @@ utilisation: the compiled program's flops (XLA cost analysis) per second over th
 device's peak. The peak is only known for the accelerators in `PEAK_TFLOPS` (bf16
 dense); elsewhere pass `--peak_tflops` or MFU is left out. The train step is the
 training loop's own (`hybrid_jax.train.step.train_step`: augmentation, AdamW, EMA off).
+
+`--torch` also runs the same model in PyTorch on the host CPU: timm's model of the
+same name with random weights, converted into ours with `hybrid_jax.convert` so both
+hold identical weights (the largest logit difference is reported). Both run inference
+at the same batch in float32, PyTorch in eval mode under `torch.inference_mode()` with
+as many threads as XLA's CPU backend uses, their timed steps alternating so both see
+the same machine load; the table gains our CPU img/s, PyTorch's, and their ratio.
+Only families with a converter (`hybrid_jax.convert.converter_module`) and names timm
+knows can be compared; others are benchmarked without PyTorch, with a note saying why.
 """
 
 import argparse
 import dataclasses
 import functools
 import json
+import os
+import re
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -51,6 +64,16 @@ class Result:
     train_img_s: float | None = None
     train_bytes: int | None = None
     train_mfu: float | None = None
+    # --torch: inference on the host CPU, ours and PyTorch's with the same weights, steps alternating.
+    cpu_img_s: float | None = None
+    torch_img_s: float | None = None
+    torch_ratio: float | None = None  # cpu_img_s / torch_img_s: above 1 ours is faster
+    torch_max_diff: float | None = None  # max |logit difference| between the two
+    torch_threads: int | None = None
+
+
+class TorchUnavailable(ValueError):
+    """A model that cannot be compared with PyTorch here (no converter, unknown to timm, no torch)."""
 
 
 def device_peak_flops(override_tflops: float | None = None) -> float | None:
@@ -89,6 +112,74 @@ def _timed_compile(fn, *args):
     return compiled, time.perf_counter() - start
 
 
+def jax_cpu_threads() -> int:
+    """Threads XLA's CPU backend runs an op on: the schedulable cores, unless XLA_FLAGS limits them."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if re.search(r"--xla_cpu_multi_thread_eigen=(false|0)", flags):
+        return 1
+    match = re.search(r"intra_op_parallelism_threads=(\d+)", flags)
+    if match:
+        return int(match.group(1))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def timm_reference(name: str, model: nn.Module) -> Any:
+    """timm's model `name` with random weights and `model`'s number of classes."""
+    import timm
+
+    if not timm.is_model(name):
+        raise TorchUnavailable(f"timm has no model named {name!r}")
+    return timm.create_model(name, pretrained=False, num_classes=model.num_classes)
+
+
+def _torch_pair(name: str, model: nn.Module, reference_fn: Callable[[nn.Module], Any] | None) -> tuple[Any, dict]:
+    """The PyTorch reference (eval mode) and its weights converted into `model`'s variables."""
+    from hybrid_jax.convert import ConversionError, convert_state_dict, converter_module
+
+    try:
+        converter_module(model_info(name).family)
+        import torch  # noqa: F401
+    except (ConversionError, ImportError) as error:
+        hint = " (pip install -e '.[parity]')" if isinstance(error, ImportError) else ""
+        raise TorchUnavailable(f"{error}{hint}") from error
+    reference = (reference_fn or functools.partial(timm_reference, name))(model).eval()
+    try:
+        variables = convert_state_dict(name, reference.state_dict(), model)
+    except ConversionError as error:
+        raise TorchUnavailable(f"{type(reference).__name__} does not convert into {name}: {error}") from error
+    return reference, variables
+
+
+def _compare_with_torch(model: nn.Module, reference: Any, variables: dict, images: np.ndarray,
+                        steps: int) -> tuple[float, float, float, int]:
+    """Ours and PyTorch's inference on the host CPU: (our img/s, PyTorch img/s, max |logit diff|, threads)."""
+    import torch
+
+    cpu = jax.devices("cpu")[0]
+    variables, x = jax.device_put((variables, images), cpu)
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    x_torch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    torch_logits = lambda: getattr(out := reference(x_torch), "logits", out)
+    saved_threads, threads = torch.get_num_threads(), jax_cpu_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            ours, theirs = np.asarray(compiled(variables, x)), torch_logits().float().numpy()  # also the warm-up
+            ours_s, theirs_s = [], []
+            for _ in range(steps):  # alternating, so a busy machine slows both alike
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(variables, x))
+                ours_s.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                torch_logits()
+                theirs_s.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(saved_threads)
+    batch = len(images)
+    return (batch / statistics.median(ours_s), batch / statistics.median(theirs_s),
+            float(np.max(np.abs(ours - theirs))), threads)
+
+
 def _model_and_impls(name: str, impls: list[str], dtype) -> list[tuple[nn.Module, str]]:
     """One model per attention implementation it can run here ("-" for models without attention)."""
     probe = create_model(name)
@@ -123,13 +214,28 @@ def _train_step(model: nn.Module, size: int, batch: int, peak: float | None, ste
 
 
 def benchmark(name: str, *, batch: int = 32, impls: tuple[str, ...] = ("xla",), dtype: str = "float32",
-              steps: int = 5, train: bool = False, peak_tflops: float | None = None) -> list[Result]:
-    """Results for `name` at its registered resolution, one per runnable attention implementation."""
+              steps: int = 5, train: bool = False, peak_tflops: float | None = None,
+              torch: bool | Callable[[nn.Module], Any] = False) -> list[Result]:
+    """Results for `name` at its registered resolution, one per runnable attention implementation.
+
+    Args:
+      torch: also time the PyTorch model with the same weights on the host CPU: True for timm's
+        model of the same name, or a function of our model returning the torch module (a timm
+        model under another name or with other arguments).
+
+    Raises:
+      TorchUnavailable: with `torch`, before anything is timed, when the model cannot be compared.
+    """
     entry, size = model_info(name), model_info(name).input_size
     peak = device_peak_flops(peak_tflops)
+    if torch and dtype != "float32":
+        raise TorchUnavailable(f"the PyTorch comparison runs in float32, not {dtype}")
     results = []
     for model, impl in _model_and_impls(name, list(impls), jnp.dtype(dtype)):
-        images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
+        host_images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+        # cuDNN attention cannot run on the CPU, where PyTorch runs.
+        pair = _torch_pair(name, model, None if torch is True else torch) if torch and impl != "cudnn" else None
+        images = jnp.asarray(host_images)
         variables = jax.jit(lambda x: nn.meta.unbox(model.init(jax.random.key(0), x[:1], train=False)))(images)
         forward = lambda v, x: model.apply(v, x.astype(model.dtype), train=False)
         compiled, compile_s = _timed_compile(forward, variables, images)
@@ -142,6 +248,10 @@ def benchmark(name: str, *, batch: int = 32, impls: tuple[str, ...] = ("xla",), 
         if train:
             result.train_compile_s, result.train_img_s, result.train_bytes, result.train_mfu = _train_step(
                 model, size, batch, peak, steps)
+        if pair:
+            result.cpu_img_s, result.torch_img_s, result.torch_max_diff, result.torch_threads = _compare_with_torch(
+                model, *pair, host_images, steps)
+            result.torch_ratio = result.cpu_img_s / result.torch_img_s
         results.append(result)
     return results
 
@@ -151,16 +261,24 @@ def _cell(value, fmt: str) -> str:
 
 
 def markdown_table(results: list[Result]) -> str:
+    """The results as a markdown table; PyTorch columns appear when any result has them."""
+    with_torch = any(r.torch_img_s is not None for r in results)
     header = ("| model | attn | params | paper M | GMACs | paper GMACs | compile s | infer img/s | infer GiB | "
               "infer MFU | train compile s | train img/s | train GiB | train MFU |")
-    rows = [header, "|---|---|" + "---:|" * 12]
+    if with_torch:
+        header += " CPU img/s | PyTorch CPU img/s | ours/PyTorch | max abs diff |"
+    rows = [header, "|---|---|" + "---:|" * (16 if with_torch else 12)]
     gib = lambda b: None if b is None else b / 2 ** 30
     for r in results:
-        rows.append(f"| {r.model} | {r.attn_impl} | {r.params:,} | {_cell(r.paper_params_m, '.3f')} | "
-                    f"{r.gmacs:.3f} | {_cell(r.paper_gmacs, '.3f')} | {r.compile_s:.1f} | {r.infer_img_s:.1f} | "
-                    f"{gib(r.infer_bytes):.2f} | {_cell(r.infer_mfu, '.1%')} | {_cell(r.train_compile_s, '.1f')} | "
-                    f"{_cell(r.train_img_s, '.1f')} | {_cell(gib(r.train_bytes), '.2f')} | "
-                    f"{_cell(r.train_mfu, '.1%')} |")
+        row = (f"| {r.model} | {r.attn_impl} | {r.params:,} | {_cell(r.paper_params_m, '.3f')} | "
+               f"{r.gmacs:.3f} | {_cell(r.paper_gmacs, '.3f')} | {r.compile_s:.1f} | {r.infer_img_s:.1f} | "
+               f"{gib(r.infer_bytes):.2f} | {_cell(r.infer_mfu, '.1%')} | {_cell(r.train_compile_s, '.1f')} | "
+               f"{_cell(r.train_img_s, '.1f')} | {_cell(gib(r.train_bytes), '.2f')} | "
+               f"{_cell(r.train_mfu, '.1%')} |")
+        if with_torch:
+            row += (f" {_cell(r.cpu_img_s, '.1f')} | {_cell(r.torch_img_s, '.1f')} | {_cell(r.torch_ratio, '.2f')} | "
+                    f"{_cell(r.torch_max_diff, '.1e')} |")
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -173,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--train", action="store_true", help="also time the training step")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU, TFLOP/s")
+    parser.add_argument("--torch", action="store_true",
+                        help="also run timm's model with the same (random, converted) weights on this CPU and "
+                             "report both img/s and their ratio (float32; needs the parity extra)")
     parser.add_argument("--out", default="", help="write OUT.md and OUT.json")
     args = parser.parse_args(argv)
     names = list_models(args.models)
@@ -181,10 +302,17 @@ def main(argv: list[str] | None = None) -> None:
     peak = device_peak_flops(args.peak_tflops)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), peak for MFU: "
           f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (pass --peak_tflops)'}", flush=True)
+    if args.torch:
+        print(f"PyTorch comparison on the host CPU with {jax_cpu_threads()} threads (XLA's CPU threads)", flush=True)
     results = []
     for name in names:
-        results += benchmark(name, batch=args.batch, impls=tuple(args.attn.split(",")), dtype=args.dtype,
-                             steps=args.steps, train=args.train, peak_tflops=args.peak_tflops)
+        kwargs = dict(batch=args.batch, impls=tuple(args.attn.split(",")), dtype=args.dtype, steps=args.steps,
+                      train=args.train, peak_tflops=args.peak_tflops)
+        try:
+            results += benchmark(name, torch=args.torch, **kwargs)
+        except TorchUnavailable as error:  # raised before anything is timed
+            print(f"{name}: no PyTorch comparison: {error}", flush=True)
+            results += benchmark(name, **kwargs)
         print(markdown_table(results[-1:]).splitlines()[-1], flush=True)
     table = markdown_table(results)
     print("\n" + table)

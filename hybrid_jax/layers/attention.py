@@ -8,6 +8,13 @@ keys each query may attend to. The entry point also takes shapes that
 the key heads (LeViT) are zero-padded to a common width, which leaves the result
 unchanged because padded query/key columns add nothing to the logits and padded
 value columns are sliced off.
+
+For interpretability (attention rollout, attention maps) the entry point also
+records the attention probabilities, but only when asked: applying a model with
+the `ATTENTION_WEIGHTS` collection mutable,
+`model.apply(variables, x, train=False, mutable=[ATTENTION_WEIGHTS])`, sows
+`attention_weights(q, k, bias, mask)` into the calling module under
+"weights". Otherwise nothing beyond the attention itself is traced or computed.
 """
 
 import logging
@@ -21,6 +28,9 @@ from hybrid_jax.layers.mlp import DENSE_INIT
 
 Dtype = Any
 Implementation = Literal["xla", "cudnn", "auto"]
+
+# The collection the attention probabilities are sown into when a caller makes it mutable.
+ATTENTION_WEIGHTS = "attention_weights"
 
 _log = logging.getLogger(__name__)
 _logged_paths: set[tuple[str, str]] = set()
@@ -86,6 +96,46 @@ def _pad_last(x: jax.Array, width: int) -> jax.Array:
     return x if x.shape[-1] == width else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
 
 
+def _broadcast_4d(t: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(t, (1,) * (4 - t.ndim) + t.shape)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, bias: jax.Array | None = None, mask: jax.Array | None = None, *,
+                      scale: float | None = None) -> jax.Array:
+    """The probabilities `dot_product_attention` mixes the values with, in float32.
+
+    softmax(q k^T * scale + bias) over the keys, zero where `mask` is False; arguments
+    as for `dot_product_attention`. An interpretability path (attention maps, rollout):
+    models never call it to attend.
+
+    Returns:
+      [batch, heads, q_len, kv_len]; each row sums to 1 (0 for a fully masked query).
+    """
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if bias is not None:
+        logits = logits + _broadcast_4d(bias).astype(jnp.float32)
+    where = None if mask is None else jnp.broadcast_to(_broadcast_4d(mask).astype(bool), logits.shape)
+    return jax.nn.softmax(logits, axis=-1, where=where)
+
+
+def _calling_module() -> nn.Module | None:
+    # The innermost Flax module whose method is running: how flax's own functional helpers
+    # (flax.linen.partitioning) reach the calling module; None outside init / apply.
+    stack = getattr(getattr(nn.module, "_context", None), "module_stack", None)
+    return stack[-1] if stack else None
+
+
+def _sow_weights_if_asked(q, k, bias, mask, scale) -> None:
+    """Sows `attention_weights` into the calling module when its apply made ATTENTION_WEIGHTS mutable."""
+    module = _calling_module()
+    # init makes every collection mutable; the probabilities are only wanted from apply.
+    if (module is None or module.scope is None or not module.is_mutable_collection(ATTENTION_WEIGHTS)
+            or module.is_initializing()):
+        return
+    module.sow(ATTENTION_WEIGHTS, "weights", attention_weights(q, k, bias, mask, scale=scale))
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
                           mask: jax.Array | None = None, *, scale: float | None = None,
                           implementation: Implementation = "auto") -> jax.Array:
@@ -103,11 +153,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
         (cuDNN flash attention on an NVIDIA GPU when dtype and shape allow, XLA otherwise).
 
     Returns:
-      [batch, q_len, heads, value_dim], in the dtype of `v`.
+      [batch, q_len, heads, value_dim], in the dtype of `v`. Inside a Flax apply with
+      the `ATTENTION_WEIGHTS` collection mutable, the probabilities are also sown into
+      the calling module (`attention_weights`); otherwise nothing else is computed.
     """
     key_dim, value_dim = q.shape[-1], v.shape[-1]
     if k.shape[-1] != key_dim:
         raise ValueError(f"queries and keys need the same head dim, got {q.shape} and {k.shape}")
+    _sow_weights_if_asked(q, k, bias, mask, scale)
     backend, reason = attention_path(q, k, v, has_bias_or_mask=bias is not None or mask is not None,
                                      implementation=implementation)
     if (backend, reason) not in _logged_paths:
@@ -117,9 +170,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     q, k, v = _pad_last(q, width), _pad_last(k, width), _pad_last(v, width)
     q, k = q.astype(v.dtype), k.astype(v.dtype)
     if bias is not None:
-        bias = jnp.broadcast_to(bias, (1,) * (4 - bias.ndim) + bias.shape).astype(v.dtype)
+        bias = _broadcast_4d(bias).astype(v.dtype)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (1,) * (4 - mask.ndim) + mask.shape).astype(bool)
+        mask = _broadcast_4d(mask).astype(bool)
     out = jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, scale=scale if scale is not None else key_dim ** -0.5,
         implementation=backend)
