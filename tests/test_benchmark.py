@@ -24,10 +24,12 @@ def test_benchmark_counts_match_the_flop_counter_and_mfu_needs_a_peak():
 
 
 def test_benchmark_cli_writes_table_and_json(tmp_path, capsys):
-    benchmark.main(["--models", "test_resnet", "--batch", "2", "--steps", "1", "--out", str(tmp_path / "bench")])
+    # Comma-separated patterns, then the category filter: test_vit is a "vit", so only test_resnet is timed.
+    benchmark.main(["--models", "test_resnet, test_vit", "--category", "cnn", "--batch", "2", "--steps", "1",
+                    "--out", str(tmp_path / "bench")])
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert [row["model"] for row in rows] == ["test_resnet"]
-    assert "| test_resnet | - |" in (tmp_path / "bench.md").read_text()
+    assert "| test_resnet | cnn | - |" in (tmp_path / "bench.md").read_text()
     assert "peak for MFU: unknown" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no registered model matches"):
         benchmark.main(["--models", "no_such_model*"])
@@ -72,4 +74,4 @@ def test_torch_cli_benchmarks_without_pytorch_where_it_cannot_compare(capsys, mo
     assert calls == [True, False]
     assert "PyTorch comparison on the host CPU with" in out
     assert "test_resnet: no PyTorch comparison: timm has no model named 'x'" in out
-    assert "| test_resnet | - |" in out and "ours/PyTorch" not in out
+    assert "| test_resnet | - | - |" in out and "ours/PyTorch" not in out

@@ -1,6 +1,6 @@
 """Benchmarks of registered models on the current device: cost, compile time, throughput, memory, MFU.
 
-  python -m hybrid_jax.analysis.benchmark --models 'conformer*' --batch 32 [--train] [--attn xla,cudnn]
+  python -m hybrid_jax.analysis.benchmark --models 'conformer*,tccnet*' --batch 32 [--train] [--attn xla,cudnn]
       [--dtype bfloat16] [--out results/bench]
   python -m hybrid_jax.analysis.benchmark --models 'resnet50' --batch 8 --torch   # against PyTorch on this CPU
 
@@ -70,6 +70,7 @@ class Result:
     torch_ratio: float | None = None  # cpu_img_s / torch_img_s: above 1 ours is faster
     torch_max_diff: float | None = None  # max |logit difference| between the two
     torch_threads: int | None = None
+    category: str = ""  # the survey's category in the registry: cnn, vit, serial, parallel, hierarchical
 
 
 class TorchUnavailable(ValueError):
@@ -245,6 +246,7 @@ def benchmark(name: str, *, batch: int = 32, impls: tuple[str, ...] = ("xla",), 
         result = Result(name, impl, batch, dtype, params, gmacs, entry.paper and entry.paper.params_m,
                         entry.paper and entry.paper.gmacs, compile_s, batch / seconds, _planned_bytes(compiled),
                         _flops(compiled) / seconds / peak if peak else None)
+        result.category = entry.category
         if train:
             result.train_compile_s, result.train_img_s, result.train_bytes, result.train_mfu = _train_step(
                 model, size, batch, peak, steps)
@@ -263,14 +265,14 @@ def _cell(value, fmt: str) -> str:
 def markdown_table(results: list[Result]) -> str:
     """The results as a markdown table; PyTorch columns appear when any result has them."""
     with_torch = any(r.torch_img_s is not None for r in results)
-    header = ("| model | attn | params | paper M | GMACs | paper GMACs | compile s | infer img/s | infer GiB | "
+    header = ("| model | category | attn | params | paper M | GMACs | paper GMACs | compile s | infer img/s | infer GiB | "
               "infer MFU | train compile s | train img/s | train GiB | train MFU |")
     if with_torch:
         header += " CPU img/s | PyTorch CPU img/s | ours/PyTorch | max abs diff |"
-    rows = [header, "|---|---|" + "---:|" * (16 if with_torch else 12)]
+    rows = [header, "|---|---|---|" + "---:|" * (16 if with_torch else 12)]
     gib = lambda b: None if b is None else b / 2 ** 30
     for r in results:
-        row = (f"| {r.model} | {r.attn_impl} | {r.params:,} | {_cell(r.paper_params_m, '.3f')} | "
+        row = (f"| {r.model} | {r.category or '-'} | {r.attn_impl} | {r.params:,} | {_cell(r.paper_params_m, '.3f')} | "
                f"{r.gmacs:.3f} | {_cell(r.paper_gmacs, '.3f')} | {r.compile_s:.1f} | {r.infer_img_s:.1f} | "
                f"{gib(r.infer_bytes):.2f} | {_cell(r.infer_mfu, '.1%')} | {_cell(r.train_compile_s, '.1f')} | "
                f"{_cell(r.train_img_s, '.1f')} | {_cell(gib(r.train_bytes), '.2f')} | "
@@ -284,7 +286,9 @@ def markdown_table(results: list[Result]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", required=True, help="shell-style pattern over registered names")
+    parser.add_argument("--models", required=True,
+                        help="comma-separated shell-style patterns over registered names: 'conformer*,tccnet*'")
+    parser.add_argument("--category", default=None, help="only models of this category (serial, parallel, ...)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--attn", default="xla", help="comma-separated: xla,cudnn (cudnn only on GPU)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -296,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                              "report both img/s and their ratio (float32; needs the parity extra)")
     parser.add_argument("--out", default="", help="write OUT.md and OUT.json")
     args = parser.parse_args(argv)
-    names = list_models(args.models)
+    names = sorted({name for pattern in args.models.split(",") for name in list_models(pattern.strip(),
+                                                                                        category=args.category)})
     if not names:
         raise SystemExit(f"no registered model matches {args.models!r}; see hybrid_jax.list_models()")
     peak = device_peak_flops(args.peak_tflops)

@@ -28,13 +28,27 @@ from absl import flags
 from PIL import Image
 
 from hybrid_jax.data.builders.fashion_mnist import HybridFashionMnist
+from hybrid_jax.data.builders.reid_folder import (
+    HybridDukemtmcReid,
+    HybridMarket1501,
+    HybridMsmt17,
+    SourceFileError,
+)
+from hybrid_jax.data.builders.reid_synthetic import HybridReidSynthetic
 
 # Names served by our offline builders instead of the tfds catalogue (whose
-# fashion_mnist would need a download).
+# fashion_mnist would need a download). "name/config" picks a builder config.
 EMBEDDED_BUILDERS = {
     "fashion_mnist": HybridFashionMnist,
     "hybrid_fashion_mnist": HybridFashionMnist,
+    "reid_synthetic": HybridReidSynthetic,
+    "hybrid_reid_synthetic": HybridReidSynthetic,
+    "market1501": HybridMarket1501,
+    "dukemtmc_reid": HybridDukemtmcReid,
+    "msmt17": HybridMsmt17,
 }
+# Embedded builders that read a local copy of the data from a manual directory.
+MANUAL_DIR_BUILDERS = (HybridMarket1501, HybridDukemtmcReid, HybridMsmt17)
 DATA_DIR_ENV = "TFDS_DATA_DIR"
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
 
@@ -75,15 +89,42 @@ def _prepare_hint(name: str, data_dir: str) -> str:
     )
 
 
-def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """Returns a prepared tfds builder; embedded datasets prepare themselves once."""
+def _embedded_builder(
+    name: str, data_dir: str, manual_dir: str | None
+) -> tfds.core.DatasetBuilder:
+    """Instantiates one of our builders; `manual_dir` goes to those that read a local copy."""
+    base, _, config = name.partition("/")
+    cls = EMBEDDED_BUILDERS[base]
+    kwargs = {"data_dir": data_dir}
+    if config:
+        names = [c.name for c in cls.BUILDER_CONFIGS]
+        if config not in names:
+            raise DataError(f"{base!r} has no config {config!r}; choose one of {names}.")
+        kwargs["config"] = config
+    if issubclass(cls, MANUAL_DIR_BUILDERS):
+        kwargs["source_dir"] = manual_dir
+    elif manual_dir:
+        raise DataError(
+            f"{base!r} is not built from a manual directory; leave manual_dir empty."
+        )
+    return cls(**kwargs)
+
+
+def get_builder(
+    name: str, data_dir: str | None = None, manual_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
+    """Returns a prepared tfds builder; embedded datasets prepare themselves once.
+
+    `manual_dir` is where datasets that cannot be downloaded (Market-1501, DukeMTMC-reID,
+    MSMT17) are read from the first time; None means `{data_dir}/downloads/manual`.
+    """
     data_dir = data_dir or default_data_dir()
-    if name in EMBEDDED_BUILDERS:
-        builder = EMBEDDED_BUILDERS[name](data_dir=data_dir)
+    if name.partition("/")[0] in EMBEDDED_BUILDERS:
+        builder = _embedded_builder(name, data_dir, manual_dir)
         if not builder.is_prepared():
             try:
                 builder.download_and_prepare()
-            except FileNotFoundError as e:  # the local source files are missing; the message says how to get them
+            except (FileNotFoundError, SourceFileError) as e:  # local files missing or misnamed
                 raise DataError(str(e)) from e
         return builder
     try:
@@ -101,11 +142,11 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
 
 
 def load_source(
-    name: str, split: str, data_dir: str | None = None
+    name: str, split: str, data_dir: str | None = None, manual_dir: str | None = None
 ) -> tuple[Sequence[Mapping[str, Any]], tfds.core.DatasetInfo]:
     """Opens one split (tfds slicing like "train[:10%]" allowed) for random access."""
     data_dir = data_dir or default_data_dir()
-    builder = get_builder(name, data_dir)
+    builder = get_builder(name, data_dir, manual_dir)
     try:
         num_examples = builder.info.splits[split].num_examples
     except (ValueError, KeyError) as e:
@@ -228,7 +269,7 @@ def _padding_example(shape: tuple[int, int, int], index: int) -> dict[str, np.nd
 # --------------------------------------------------------------------------- #
 
 
-def _per_process_batch_size(
+def per_process_batch_size(
     global_batch_size: int, process_index: int | None, process_count: int | None
 ) -> tuple[int, int, int]:
     """Resolves the process layout and the rows each process contributes."""
@@ -244,7 +285,7 @@ def _per_process_batch_size(
     return global_batch_size // count, index, count
 
 
-def _shard_batches(
+def shard_batches(
     ds: grain.MapDataset, batch_size: int, index: int, count: int
 ) -> grain.MapDataset:
     """Cuts the stream into per-process chunks and keeps this process's one of each global batch."""
@@ -255,7 +296,7 @@ def _shard_batches(
     return ds[index : num_global * count : count]
 
 
-def _finish(ds: grain.MapDataset, worker_count: int, read_threads: int) -> grain.IterDataset:
+def finish(ds: grain.MapDataset, worker_count: int, read_threads: int) -> grain.IterDataset:
     """Turns the index-addressable pipeline into a checkpointable iterable."""
     # Elements are whole batches here, so grain's default 500-element buffer
     # would hold gigabytes of ImageNet; a couple per thread keeps threads busy.
@@ -358,7 +399,7 @@ def make_train_dataset(
       {"image": uint8 [b, H, W, C], "label": int32 [b]} whose `get_state()` /
       `set_state()` save and restore the position.
     """
-    batch_size, index, count = _per_process_batch_size(
+    batch_size, index, count = per_process_batch_size(
         global_batch_size, process_index, process_count
     )
     source, _ = _open(name, split, data_dir, image_shape, resize, resize_method)
@@ -374,7 +415,7 @@ def make_train_dataset(
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     ds = ds.map(functools.partial(_to_example, resize=resize, method=resize_method))
-    return _finish(_shard_batches(ds, batch_size, index, count), worker_count, read_threads)
+    return finish(shard_batches(ds, batch_size, index, count), worker_count, read_threads)
 
 
 def make_eval_dataset(
@@ -396,7 +437,7 @@ def make_eval_dataset(
     Arguments are as for `make_train_dataset`. The last global batch is filled
     with blank examples whose "mask" is False; weight metrics by "mask".
     """
-    batch_size, index, count = _per_process_batch_size(
+    batch_size, index, count = per_process_batch_size(
         global_batch_size, process_index, process_count
     )
     source, shape = _open(name, split, data_dir, image_shape, resize, resize_method)
@@ -408,7 +449,7 @@ def make_eval_dataset(
     )
     padding = grain.MapDataset.range(num_padding).map(functools.partial(_padding_example, shape))
     ds = grain.MapDataset.concatenate([real, padding]) if num_padding else real
-    return _finish(_shard_batches(ds, batch_size, index, count), worker_count, read_threads)
+    return finish(shard_batches(ds, batch_size, index, count), worker_count, read_threads)
 
 
 def eval_steps(num_examples: int, global_batch_size: int) -> int:

@@ -12,11 +12,14 @@ from typing import Any
 import ml_collections
 
 DTYPES = ("float32", "bfloat16")
+TASKS = ("classification", "reid")
+REID_DISTANCES = ("cosine", "euclidean")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The defaults for a classification run."""
+    """The defaults for a classification run, and the re-ID settings under `reid`."""
     c = ml_collections.ConfigDict()
+    c.task = "classification"  # classification | reid (person re-identification, hybrid_jax.reid)
     c.model = "test_resnet"  # any name in hybrid_jax.list_models()
     # Fields of the model to change, as keyword arguments: "drop_path_rate=0.1, hybrid_layers=(2,)".
     # A string, so that the command line can set fields the config file does not mention.
@@ -25,6 +28,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.dataset = "fashion_mnist"  # tfds name; fashion_mnist is built offline from the Debian package
     c.data_dir = ""  # tfds data dir; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # Where datasets that cannot be downloaded are read from on first use (market1501, dukemtmc_reid,
+    # msmt17: the extracted folder); "" means {data_dir}/downloads/manual.
+    c.manual_dir = ""
     c.train_split = "train"
     c.eval_split = "test"
     c.train_fraction = 1.0  # keep the first fraction of the train split (dataset-size ablations)
@@ -69,9 +75,26 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_processes = 0
     c.process_id = -1
 
+    # Person re-identification (task="reid"): P x K batches, ID + triplet (+ center) loss, retrieval eval.
+    c.reid = ml_collections.ConfigDict()
+    c.reid.images_per_identity = 4  # K; each batch holds K images of each of batch_size / K identities
+    c.reid.id_weight = 1.0  # cross-entropy through the BNNeck, smoothed by label_smoothing
+    c.reid.triplet_weight = 1.0
+    c.reid.triplet_margin = 0.3  # batch-hard triplet margin; 0 uses the soft margin
+    c.reid.center_weight = 0.0  # center loss weight; 0 turns it off (Bag of Tricks: 5e-4)
+    c.reid.query_split = "query"
+    c.reid.gallery_split = "gallery"
+    c.reid.distance = "cosine"  # cosine | euclidean, between BNNeck embeddings
+    c.reid.eval_block_size = 256  # queries ranked against the whole gallery per device call
+    c.reid.rerank = False  # k-reciprocal re-ranking (host memory grows with (query + gallery)^2)
+    c.reid.rerank_k1 = 20
+    c.reid.rerank_k2 = 6
+    c.reid.rerank_lambda = 0.3
+
     c.seed = 0
     c.log_every = 50
     c.eval_every = 0  # steps between evaluations; 0 evaluates once per epoch
+    c.eval_at_start = False  # also evaluate the untrained model at step 0 (the baseline training must beat)
     c.checkpoint_every = 500
     c.max_to_keep = 3
     c.async_checkpoint = True
@@ -109,6 +132,22 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("set config.num_epochs > 0 or config.total_steps > 0.")
     if config.log_every <= 0 or config.checkpoint_every <= 0:
         raise ConfigError("config.log_every and config.checkpoint_every must be positive.")
+    if config.task not in TASKS:
+        raise ConfigError(f"config.task={config.task!r}; choose one of {TASKS}.")
+    if config.task == "reid":
+        _check_reid_values(config)
+
+
+def _check_reid_values(config: ml_collections.ConfigDict) -> None:
+    k = config.reid.images_per_identity
+    if k < 2 or config.batch_size % k:
+        raise ConfigError(f"config.batch_size={config.batch_size} must be a multiple of config.reid."
+                          f"images_per_identity={k} (>= 2, so every image has a positive for the triplet loss).")
+    if config.augment.mixup_alpha or config.augment.cutmix_alpha:
+        raise ConfigError("config.augment.mixup_alpha and cutmix_alpha must be 0 for re-ID: a blended image has no "
+                          "single identity for the triplet loss.")
+    if config.reid.distance not in REID_DISTANCES:
+        raise ConfigError(f"config.reid.distance={config.reid.distance!r}; choose one of {REID_DISTANCES}.")
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

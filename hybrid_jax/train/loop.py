@@ -31,9 +31,11 @@ from hybrid_jax import create_model
 from hybrid_jax.checkpoint import Checkpointer
 from hybrid_jax.data import pipeline
 from hybrid_jax.data.augment import AugmentConfig
-from hybrid_jax.metrics import MetricsWriter, ProgressBar, plot_curves
+from hybrid_jax.metrics import MetricsWriter, ProgressBar, plot_curves, read_metrics
 from hybrid_jax.parallel.mesh import make_mesh
 from hybrid_jax.parallel.rules import DEFAULT_RULES
+from hybrid_jax.reid import step as reid_step
+from hybrid_jax.reid import task as reid_task
 from hybrid_jax.train.config import ConfigError, check_keys, check_values, parse_overrides
 from hybrid_jax.train.optim import make_optimizer
 from hybrid_jax.train.state import TrainState, plan_train_state
@@ -109,23 +111,47 @@ def _first_diverged(history: list[tuple[int, dict[str, float]]]) -> tuple[int, f
     return None
 
 
-def evaluate(state: TrainState, eval_fn, mesh: Mesh, config: ml_collections.ConfigDict,
-             num_examples: int, image_shape: tuple[int, int, int], *, ema: bool = False) -> dict[str, float]:
+def evaluate(params: Any, batch_stats: Any, *, eval_fn, mesh: Mesh, config: ml_collections.ConfigDict,
+             num_examples: int, image_shape: tuple[int, int, int]) -> dict[str, float]:
     """Loss and accuracy over the whole eval split (padding masked out)."""
     dataset = pipeline.make_eval_dataset(config.dataset, global_batch_size=config.eval_batch_size,
                                          split=config.eval_split, data_dir=config.data_dir or None,
                                          image_shape=image_shape, resize=tuple(config.resize) or None,
                                          read_threads=config.read_threads)
     sharding = NamedSharding(mesh, BATCH_AXES)
-    params = state.ema_params if ema else state.params
     totals = None
     for batch in dataset:
-        sums = eval_fn(params, state.batch_stats, _global_batch(batch, sharding))
+        sums = eval_fn(params, batch_stats, _global_batch(batch, sharding))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     if int(totals["count"]) != num_examples:
         raise RuntimeError(f"evaluated {int(totals['count'])} examples, expected {num_examples}")
     return {"loss": float(totals["loss_sum"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
+
+
+def evaluate_state(state: TrainState, evaluate_weights) -> dict[str, float]:
+    """The task's evaluation of the trained weights, and of their EMA (keys prefixed "ema_") when kept."""
+    metrics = evaluate_weights(state.params, state.batch_stats)
+    if state.ema_params is not None:
+        ema = evaluate_weights(state.ema_params, state.batch_stats)
+        metrics.update({f"ema_{k}": v for k, v in ema.items()})
+    return metrics
+
+
+def _untrained_metrics(workdir: Path) -> dict[str, float]:
+    """The step-0 evaluation (config.eval_at_start) from metrics.jsonl, as "untrained_" summary keys."""
+    for record in read_metrics(workdir):
+        if record["split"] == "eval" and record["step"] == 0:
+            return {f"untrained_{k}": v for k, v in record.items() if k not in ("step", "split", "time")}
+    return {}
+
+
+def _create_model(build) -> Any:
+    """Builds the model, turning an unknown name or field into a config error with close matches."""
+    try:
+        return build()
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config.model / config.model_overrides: {error}") from error
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -147,18 +173,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if config[name] % batch_shards:
             raise ConfigError(f"config.{name}={config[name]} must be a multiple of the data x fsdp mesh size "
                               f"{batch_shards}.")
-    train_spec, image_shape = _model_input_shape(config)
-    eval_spec = pipeline.describe(config.dataset, config.eval_split, config.data_dir or None,
-                                  tuple(config.resize) or None)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-    try:
-        model = create_model(config.model, num_classes=train_spec.num_classes, dtype=dtype,
-                             **parse_overrides(config.model_overrides))
-    except (ValueError, TypeError) as error:  # unknown model name or field, with close matches
-        raise ConfigError(f"config.model / config.model_overrides: {error}") from error
+    if config.task == "reid":
+        reid_spec = reid_task.describe(config)
+        image_shape, train_examples = reid_spec.image_shape, reid_spec.num_examples
+        model = _create_model(lambda: reid_task.build_model(config, reid_spec.num_identities, dtype))
+    else:
+        train_spec, image_shape = _model_input_shape(config)
+        eval_spec = pipeline.describe(config.dataset, config.eval_split, config.data_dir or None,
+                                      tuple(config.resize) or None)
+        train_examples = int(round(train_spec.num_examples * config.train_fraction))
+        model = _create_model(lambda: create_model(config.model, num_classes=train_spec.num_classes, dtype=dtype,
+                                                   **parse_overrides(config.model_overrides)))
     _check_model_takes(model, image_shape, config.model)
 
-    train_examples = int(round(train_spec.num_examples * config.train_fraction))
     steps_per_epoch = max(train_examples // config.batch_size, 1)
     total_steps = config.total_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
     eval_every = config.eval_every or steps_per_epoch
@@ -169,22 +197,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     batch_sharding = NamedSharding(mesh, BATCH_AXES)
     replicated = NamedSharding(mesh, PartitionSpec())
-    train_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=augment,
-                          num_classes=train_spec.num_classes, label_smoothing=config.label_smoothing,
-                          ema_decay=config.ema_decay, grad_accum_steps=config.grad_accum_steps),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-        donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, augment=augment),
-                      in_shardings=(state_shardings.params, state_shardings.batch_stats, batch_sharding),
-                      out_shardings=replicated)
-
-    train_data = pipeline.make_train_dataset(
-        config.dataset, global_batch_size=config.batch_size, split=config.train_split,
-        data_dir=config.data_dir or None, seed=config.seed,
-        train_fraction=config.train_fraction if config.train_fraction < 1 else None,
-        worker_count=config.worker_count, read_threads=config.read_threads, image_shape=image_shape,
-        resize=tuple(config.resize) or None)
+    common = dict(model=model, tx=tx, schedule=schedule, augment=augment, ema_decay=config.ema_decay,
+                  grad_accum_steps=config.grad_accum_steps)
+    if config.task == "reid":
+        step = functools.partial(reid_step.train_step, losses=reid_task.loss_config(config), **common)
+        # Embeddings come back replicated: every process ranks the whole query set against the whole gallery.
+        embed_fn = jax.jit(functools.partial(reid_step.embed_step, model=model, augment=augment),
+                           in_shardings=(state_shardings.params, state_shardings.batch_stats, batch_sharding),
+                           out_shardings=replicated)
+        evaluate_weights = functools.partial(reid_task.evaluate, embed_fn=embed_fn, config=config,
+                                             to_global=functools.partial(_global_batch, sharding=batch_sharding))
+        train_data = reid_task.make_train_dataset(config)
+    else:
+        step = functools.partial(train_step, num_classes=train_spec.num_classes,
+                                 label_smoothing=config.label_smoothing, **common)
+        eval_fn = jax.jit(functools.partial(eval_step, model=model, augment=augment),
+                          in_shardings=(state_shardings.params, state_shardings.batch_stats, batch_sharding),
+                          out_shardings=replicated)
+        evaluate_weights = functools.partial(evaluate, eval_fn=eval_fn, mesh=mesh, config=config,
+                                             num_examples=eval_spec.num_examples, image_shape=image_shape)
+        train_data = pipeline.make_train_dataset(
+            config.dataset, global_batch_size=config.batch_size, split=config.train_split,
+            data_dir=config.data_dir or None, seed=config.seed,
+            train_fraction=config.train_fraction if config.train_fraction < 1 else None,
+            worker_count=config.worker_count, read_threads=config.read_threads, image_shape=image_shape,
+            resize=tuple(config.resize) or None)
+    train_fn = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, replicated), donate_argnums=0)
     data_iter = iter(train_data)
 
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.max_to_keep,
@@ -210,21 +249,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     previous_handler = signal.signal(signal.SIGTERM, preemption)
     summary = {}
     try:
-        summary = _run(state, start_step, total_steps, eval_every, config, workdir, mesh, data_iter, train_fn,
-                       eval_fn, checkpointer, writer, bar, preemption, eval_spec.num_examples, image_shape)
+        summary = _run(state, start_step, total_steps, eval_every, config, mesh, data_iter, train_fn,
+                       evaluate_weights, checkpointer, writer, bar, preemption)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
         checkpointer.close()
         writer.close()
     if is_main and summary.get("finished"):
+        summary.update(_untrained_metrics(workdir))
         plot_curves(workdir)
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _run(state, step, total_steps, eval_every, config, workdir, mesh, data_iter: Iterator, train_fn, eval_fn,
-         checkpointer, writer, bar, preemption, eval_examples, image_shape) -> dict[str, Any]:
+def _run(state, step, total_steps, eval_every, config, mesh, data_iter: Iterator, train_fn, evaluate_weights,
+         checkpointer, writer, bar, preemption) -> dict[str, Any]:
     """The step loop: train, log, evaluate, checkpoint; returns the summary."""
     batch_sharding = NamedSharding(mesh, BATCH_AXES)
     start_step = step
@@ -252,6 +292,9 @@ def _run(state, step, total_steps, eval_every, config, workdir, mesh, data_iter:
         checkpointer.save(at_step, state, data_iter.get_state(), config.to_dict())
         last_good = at_step
 
+    if config.eval_at_start and step == 0:
+        writer.write(0, "eval", evaluate_state(state, evaluate_weights))
+        window_start = time.perf_counter()
     while step < total_steps:
         batch = _global_batch(next(data_iter), batch_sharding)
         state, metrics = train_fn(state, batch)
@@ -269,10 +312,7 @@ def _run(state, step, total_steps, eval_every, config, workdir, mesh, data_iter:
             bar.update(window_steps, loss=means["loss"], acc=means["accuracy"], img_s=means["images_per_sec"])
             window_start, window_steps = time.perf_counter(), 0
         if step % eval_every == 0 or step == total_steps:
-            eval_metrics = evaluate(state, eval_fn, mesh, config, eval_examples, image_shape)
-            if state.ema_params is not None:
-                ema = evaluate(state, eval_fn, mesh, config, eval_examples, image_shape, ema=True)
-                eval_metrics.update({f"ema_{k}": v for k, v in ema.items()})
+            eval_metrics = evaluate_state(state, evaluate_weights)
             writer.write(step, "eval", eval_metrics)
             window_start = time.perf_counter()  # throughput counts training time only
         stop = preemption.requested
@@ -286,10 +326,9 @@ def _run(state, step, total_steps, eval_every, config, workdir, mesh, data_iter:
 
     wall = time.perf_counter() - run_start
     if not eval_metrics:  # resumed a finished run: report its final evaluation
-        eval_metrics = evaluate(state, eval_fn, mesh, config, eval_examples, image_shape)
+        eval_metrics = evaluate_weights(state.params, state.batch_stats)
     summary = {"finished": True, "model": config.model, "dataset": config.dataset, "steps": step,
-               "test_accuracy": eval_metrics["accuracy"], "test_loss": eval_metrics["loss"],
+               **{f"test_{k}": v for k, v in eval_metrics.items()},
                "wall_time_s": wall,
-               "train_images_per_sec": steady_steps * config.batch_size / steady_seconds if steady_steps else None,
-               **{f"test_{k}": v for k, v in eval_metrics.items() if k.startswith("ema_")}}
+               "train_images_per_sec": steady_steps * config.batch_size / steady_seconds if steady_steps else None}
     return summary

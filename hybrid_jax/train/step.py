@@ -26,8 +26,34 @@ def head_logits(model: nn.Module, variables: Any, images: jax.Array, *, train: b
     return {name: logits.astype(jnp.float32) for name, logits in heads.items()}, updates.get("batch_stats", {})
 
 
-def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+def model_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    """The variables dict `model.apply` takes; batch statistics only for models that have them."""
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def apply_gradients(state: TrainState, grads: Any, batch_stats: Any, *, tx: optax.GradientTransformation,
+                    ema_decay: float, grad_accum_steps: int) -> TrainState:
+    """The state after one micro-step: optimizer update, new batch statistics, parameter EMA, step + 1."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+        # Under accumulation params only move on the last micro-step; so does the average.
+        is_update = (state.step + 1) % grad_accum_steps == 0
+        decay = jnp.where(is_update, ema_decay, 1.0)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                         ema_params=ema_params)
+
+
+def update_metrics(grads: Any, params: Any, step: jax.Array, *, schedule: optax.Schedule,
+                   grad_accum_steps: int) -> Metrics:
+    """What every train step logs about its update: gradient norm, parameter norm, learning rate."""
+    return {
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),  # non-finite once the update overflowed: the run diverged
+        "learning_rate": schedule(step // grad_accum_steps),
+    }
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -40,29 +66,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     targets = optax.smooth_labels(labels, label_smoothing) if label_smoothing else labels
 
     def loss_fn(params):
-        heads, batch_stats = head_logits(model, _variables(params, state.batch_stats), images.astype(model.dtype),
-                                         train=True, rngs={"dropout": dropout_rng})
+        heads, batch_stats = head_logits(model, model_variables(params, state.batch_stats),
+                                         images.astype(model.dtype), train=True, rngs={"dropout": dropout_rng})
         loss = sum(optax.softmax_cross_entropy(logits, targets).mean() for logits in heads.values())
         return loss, (sum(heads.values()) / len(heads), batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if ema_params is not None:
-        # Under accumulation params only move on the last micro-step; so does the average.
-        is_update = (state.step + 1) % grad_accum_steps == 0
-        decay = jnp.where(is_update, ema_decay, 1.0)
-        ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+    new_state = apply_gradients(state, grads, batch_stats, tx=tx, ema_decay=ema_decay,
+                                grad_accum_steps=grad_accum_steps)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1)),
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),  # non-finite once the update overflowed: the run diverged
-        "learning_rate": schedule(state.step // grad_accum_steps),
+        **update_metrics(grads, new_state.params, state.step, schedule=schedule, grad_accum_steps=grad_accum_steps),
     }
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                              ema_params=ema_params)
     return new_state, metrics
 
 
@@ -70,7 +86,7 @@ def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, mod
               augment: AugmentConfig) -> Metrics:
     """Sums of loss, correct predictions and real examples over a padded eval batch."""
     images = eval_batch(batch["image"], augment).astype(model.dtype)
-    heads, _ = head_logits(model, _variables(params, batch_stats), images, train=False)
+    heads, _ = head_logits(model, model_variables(params, batch_stats), images, train=False)
     logits = sum(heads.values()) / len(heads)
     mask = batch["mask"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])

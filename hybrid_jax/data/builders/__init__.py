@@ -1,5 +1,7 @@
 """tfds builders of our own; importing this module registers them with tfds."""
 
 from hybrid_jax.data.builders.fashion_mnist import HybridFashionMnist
+from hybrid_jax.data.builders.reid_folder import HybridDukemtmcReid, HybridMarket1501, HybridMsmt17
+from hybrid_jax.data.builders.reid_synthetic import HybridReidSynthetic
 
-__all__ = ["HybridFashionMnist"]
+__all__ = ["HybridDukemtmcReid", "HybridFashionMnist", "HybridMarket1501", "HybridMsmt17", "HybridReidSynthetic"]

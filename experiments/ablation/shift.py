@@ -1,0 +1,173 @@
+"""The domain-shift axis: corrupted copies of a test split, and a trained checkpoint evaluated on arrays.
+
+Corruptions follow ImageNet-C's definitions (Hendrycks & Dietterich, arXiv 1903.12261)
+at one fixed severity each, applied to the stored uint8 test images before any
+resize, and are deterministic: the noise comes from a seeded numpy generator, blur
+and contrast have no randomness at all. Nothing is written to disk; a few MB of
+arrays are built in memory once per sweep.
+
+`evaluate_run` rebuilds a finished run's model from its `config.json`, restores the
+newest checkpoint's parameters and batch statistics (orbax, no train state or
+optimizer needed) and scores them with the training package's own `eval_step`, so the
+clean accuracy it measures equals the one the training loop reported.
+"""
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+from scipy import ndimage
+
+from hybrid_jax import create_model
+from hybrid_jax.data import pipeline
+from hybrid_jax.data.augment import AugmentConfig
+from hybrid_jax.train.config import parse_overrides
+from hybrid_jax.train.step import eval_step
+
+CORRUPTIONS = ("gaussian_noise", "blur", "contrast")
+
+
+def corrupt(images: np.ndarray, name: str, *, severity: Mapping[str, float], seed: int = 0) -> np.ndarray:
+    """A corrupted copy of uint8 images [N, H, W, C].
+
+    Args:
+      images: the clean images.
+      name: gaussian_noise (additive, std `severity["noise_std"]` of the [0, 1] range) | blur (Gaussian,
+        sigma `severity["blur_sigma"]` pixels) | contrast (pixels pulled to each image's mean by
+        `severity["contrast"]`, 1 = unchanged).
+      severity: the three strengths above.
+      seed: the noise generator's seed.
+    """
+    x = images.astype(np.float32) / 255.0
+    if name == "gaussian_noise":
+        x = x + np.random.default_rng(seed).normal(0.0, severity["noise_std"], x.shape).astype(np.float32)
+    elif name == "blur":
+        sigma = severity["blur_sigma"]
+        x = ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="nearest")
+    elif name == "contrast":
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        x = (x - mean) * severity["contrast"] + mean
+    else:
+        raise ValueError(f"unknown corruption {name!r}; choose one of {CORRUPTIONS}")
+    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def resize(images: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Bilinear resize with PIL, as the input pipeline does for `config.resize`; None keeps the size."""
+    if not size or images.shape[1:3] == tuple(size):
+        return images
+    grey = images.shape[-1] == 1
+    out = [np.asarray(Image.fromarray(im[..., 0] if grey else im).resize(tuple(size)[::-1], Image.Resampling.BILINEAR))
+           for im in images]
+    out = np.stack(out)
+    return out[..., None] if grey else out
+
+
+@functools.lru_cache(maxsize=4)
+def load_split(dataset: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """All (images uint8 [N, H, W, C], labels int32 [N]) of a tfds split, read once per process."""
+    source, _ = pipeline.load_source(dataset, split, data_dir or None)
+    records = source.__getitems__(list(range(len(source))))
+    images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+    return images, np.asarray([r["label"] for r in records], np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def _shifted_sets(dataset: str, split: str, data_dir: str | None, num_examples: int, corruptions: tuple[str, ...],
+                  severity: tuple[tuple[str, float], ...], seed: int,
+                  size: tuple[int, int] | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    images, labels = load_split(dataset, split, data_dir)
+    images, labels = images[:num_examples or None], labels[:num_examples or None]
+    sets = {"clean": images, **{name: corrupt(images, name, severity=dict(severity), seed=seed)
+                                for name in corruptions}}
+    return {name: resize(x, size) for name, x in sets.items()}, labels
+
+
+def shifted_sets(train_config: Any, shift: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """{"clean": images, corruption: images, ...} and labels: the first `shift.num_examples` of the run's eval
+    split (all of it for 0), at the model's input size."""
+    severity = tuple(sorted(dict(noise_std=shift.noise_std, blur_sigma=shift.blur_sigma,
+                                 contrast=shift.contrast).items()))
+    return _shifted_sets(train_config.dataset, train_config.eval_split, train_config.data_dir or None,
+                         int(shift.num_examples), tuple(shift.corruptions), severity, int(shift.seed),
+                         tuple(train_config.resize) or None)
+
+
+def load_variables(workdir: str | Path) -> tuple[int, dict[str, Any]]:
+    """(step, {"params", "batch_stats"}) of the newest finished checkpoint under {workdir}/checkpoints.
+
+    Restores the saved train state without a target (so without the optimizer that built it) and keeps the
+    two collections a forward pass needs.
+    """
+    directory = Path(workdir).absolute() / "checkpoints"
+    steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "state").is_dir()
+                   and (p / "commit_success.txt").exists()) if directory.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {directory}; train the run first")
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(directory / str(steps[-1]) / "state")
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return steps[-1], variables
+
+
+def evaluate_arrays(model, variables: dict[str, Any], augment: AugmentConfig, images: np.ndarray,
+                    labels: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Accuracy and loss of `model` on uint8 images, through the training package's eval step.
+
+    Also "images_per_sec": inference throughput over the batches after the first (which compiles).
+    """
+    step = jax.jit(functools.partial(eval_step, model=model, augment=augment))
+    totals, timed, start = None, 0, None
+    for first in range(0, len(images), batch_size):
+        chunk = slice(first, first + batch_size)
+        real = len(images[chunk])
+        pad = batch_size - real
+        batch = {"image": np.pad(images[chunk], ((0, pad), (0, 0), (0, 0), (0, 0))),
+                 "label": np.pad(labels[chunk], (0, pad)), "mask": np.arange(batch_size) < real}
+        sums = step(variables["params"], variables.get("batch_stats", {}), batch)
+        if start is None:
+            jax.block_until_ready(sums)
+            start = time.perf_counter()
+        else:
+            timed += real
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    seconds = time.perf_counter() - start
+    return {"accuracy": float(totals["correct"] / totals["count"]), "loss": float(totals["loss_sum"] / totals["count"]),
+            "images_per_sec": timed / seconds if timed and seconds > 0 else float("nan")}
+
+
+def evaluate_run(workdir: str | Path, shift: Any) -> dict[str, Any]:
+    """Clean and corrupted accuracies of the run in `workdir` on the shift subset, as written to its shift.json.
+
+    Args:
+      workdir: a run directory holding config.json and checkpoints/.
+      shift: the sweep's `shift` config (corruptions, their severities, seed, num_examples).
+    """
+    import ml_collections
+
+    workdir = Path(workdir)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    step, variables = load_variables(workdir)
+    sets, labels = shifted_sets(config, shift)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    num_classes = pipeline.describe(config.dataset, config.train_split, config.data_dir or None).num_classes
+    model = create_model(config.model, num_classes=num_classes, dtype=dtype, **parse_overrides(config.model_overrides))
+    augment = AugmentConfig(mean=tuple(config.augment.mean), std=tuple(config.augment.std))
+    results = {name: evaluate_arrays(model, variables, augment, images, labels, config.eval_batch_size)
+               for name, images in sets.items()}
+    corrupted = [results[name]["accuracy"] for name in shift.corruptions]
+    return {"step": step, "clean_accuracy": results["clean"]["accuracy"],
+            **{f"{name}_accuracy": results[name]["accuracy"] for name in shift.corruptions},
+            "shift_accuracy": float(np.mean(corrupted)) if corrupted else float("nan"),
+            "infer_images_per_sec": results["clean"]["images_per_sec"],
+            "num_examples": len(labels), "settings": json.loads(json.dumps(shift.to_dict()))}
