@@ -476,6 +476,11 @@ def save_overlays(path: str | Path, images: Array, maps: Mapping[str, Array], *,
                                   alpha=alpha, vmin=0, vmax=1)
     for row, name in enumerate(["input", *maps], start=0):
         grid[row, 0].set_ylabel(name, fontsize=8)
+    return _save_png(figure, path, dpi)
+
+
+def _save_png(figure, path: str | Path, dpi: int) -> Path:
+    """Lays the figure out and writes it as a PNG, creating the folder."""
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -517,8 +522,4 @@ def save_branch_attribution(path: str | Path, attribution: BranchAttribution, im
         bars.set_title(f"mean {per_head['mean'][col]:.2f}", fontsize=7)
     for row, label in enumerate(["input", *(f"{b} head" for b in branches), "grad x input"]):
         grid[row, 0].set_ylabel(label, fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi, format="png")
-    return path
+    return _save_png(figure, path, dpi)
