@@ -13,21 +13,23 @@ from hybrid_jax.train.config import default_config
 def get_config(arg: str | None = None):
     """`arg`: "" for the full run, "smoke" for a 30-step check of the whole pipeline."""
     c = default_config()
-    # CNN and ViT branches coupled by gating after stages 1-3; 0.025 GMACs at 28 px.
-    # Measured: 88.96% test accuracy after 4 epochs (README, "Install and run").
-    c.model = "parallel_hybrid_tiny"
+    # CNN and ViT branches coupled by gating after stages 2 and 4; 0.024 GMACs at 28 px.
+    # Measured: 92.23% test accuracy in 488 s for the whole command on 2 CPU cores (README, "Install and run").
+    c.model = "parallel_hybrid_tiny_28"
     c.dataset = "fashion_mnist"
-    c.batch_size = 128
-    c.num_epochs = 4.0
+    c.batch_size = 64  # on 2 CPU cores as fast per image as 128, and twice the updates
+    c.num_epochs = 4.2
     c.optimizer = "adamw"
-    c.learning_rate = 2e-3
+    c.learning_rate = 4e-3
     c.warmup_steps = 200
     c.weight_decay = 0.05
     c.label_smoothing = 0.1
-    c.augment.flip = True
+    c.head_loss = "mean"  # one loss on the prediction; each head alone trained slower (README)
+    c.augment.flip = False  # 4 epochs underfit (train accuracy ~ test): flips guard against what does not happen
     c.augment.mean = (0.286,)  # Fashion-MNIST pixel statistics
     c.augment.std = (0.353,)
     c.log_every = 50
+    c.eval_every = 4000  # once, at the end (3,937 steps): each pass over the test set costs ~9 s of the budget
     c.checkpoint_every = 1000
     if arg == "smoke":  # the few-thousand-parameter ResNet keeps the CLI tests quick
         c.model = "test_resnet"

@@ -8,8 +8,6 @@ and the step before it is tried.
 """
 
 import logging
-
-log = logging.getLogger(__name__)
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -53,15 +53,36 @@ class Checkpointer:
           abstract_state: the state's structure as ShapeDtypeStructs carrying shardings, so
             every array is restored straight into its sharded layout.
         """
+        found = self._restore_newest(ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return None if found is None else (found[0], found[1]["state"], found[1]["data"])
+
+    def restore_variables(self, *, ema: bool = False) -> tuple[int, dict[str, Any]]:
+        """(step, {"params", "batch_stats"}) of the newest readable checkpoint, for evaluation and analysis.
+
+        Needs no target, so neither the optimizer nor the mesh that wrote it: the arrays come back
+        on the default device. `ema=True` returns the parameter EMA in place of the parameters.
+        """
+        found = self._restore_newest(ocp.args.Composite(state=ocp.args.StandardRestore()))
+        if found is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}; train the run first")
+        step, state = found[0], found[1]["state"]
+        if ema and state.get("ema_params") is None:
+            raise CheckpointError(f"the checkpoint at step {step} in {self.directory} has no parameter EMA; "
+                                  "train with config.ema_decay > 0, or ask for the parameters (ema=False)")
+        variables = {"params": state["ema_params"] if ema else state["params"]}
+        if state.get("batch_stats"):
+            variables["batch_stats"] = state["batch_stats"]
+        return step, variables
+
+    def _restore_newest(self, args: ocp.args.Composite) -> tuple[int, Any] | None:
+        """(step, restored items) of the newest step that reads; unreadable steps are set aside on the way."""
         steps = self.steps()
         for step in reversed(steps):
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                return step, self._manager.restore(step, args=args)
             except Exception as error:  # orbax raises many types for damaged files
                 self._set_aside(step, error)
-                continue
-            return step, restored["state"], restored["data"]
         if steps:
             raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be read; they were moved "
                                   f"to {self._aside_dir()}. Start a fresh run in another workdir, or repair them.")
@@ -77,7 +98,7 @@ class Checkpointer:
         while target.exists():  # the same step may go bad twice; keep both
             target, copies = self._aside_dir() / f"{step}.{copies}", copies + 1
         log.warning("checkpoint step %d in %s cannot be read (%s: %s); moving it to %s and trying the "
-                        "previous one", step, self.directory, type(error).__name__, str(error)[:300], target)
+                    "previous one", step, self.directory, type(error).__name__, str(error)[:300], target)
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), target)

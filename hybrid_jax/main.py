@@ -15,6 +15,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from hybrid_jax.runtime import configure_process
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/fashion_mnist.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots; reruns resume.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -73,4 +75,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    configure_process()
     app.run(main, flags_parser=_parse_flags)

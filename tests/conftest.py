@@ -2,7 +2,10 @@
 
 import os
 
+from hybrid_jax.runtime import set_default_xla_flags
+
 # Must happen before jax initialises its backends.
+set_default_xla_flags()
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

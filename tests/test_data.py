@@ -201,6 +201,31 @@ def test_every_example_once_per_epoch(data_dir: str):
     assert not np.array_equal(ids[:32], ids[NUM_TRAIN : NUM_TRAIN + 32])  # reshuffled
 
 
+def test_in_memory_split_streams_the_same_batches_and_resumes(data_dir: str, monkeypatch: pytest.MonkeyPatch):
+    """A split that fits `cache_max_bytes` is read once into arrays; nothing else about the stream changes."""
+    source, _ = pipeline.load_source("fashion_mnist", "train", data_dir)
+    stored = NUM_TRAIN * 28 * 28
+    cached = pipeline.InMemorySplit(source)
+    assert cached.images.shape == (NUM_TRAIN, 28, 28, 1) and cached.labels.dtype == np.int32
+    np.testing.assert_array_equal(cached[5]["image"], source[5]["image"])
+    made = []
+    monkeypatch.setattr(pipeline, "InMemorySplit", lambda source: made.append(1) or cached)
+    from_disk = _train(data_dir, seed=3, num_epochs=2, cache_max_bytes=stored - 1)  # one byte short
+    assert not made
+    from_memory = _train(data_dir, seed=3, num_epochs=2, cache_max_bytes=stored)
+    assert made and len(from_disk) == len(from_memory)
+    for a, b in zip(from_disk, from_memory):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    # The iterator state of one resumes the other: a checkpoint does not depend on the cache.
+    disk_iter = iter(pipeline.make_train_dataset("fashion_mnist", data_dir=data_dir, global_batch_size=16, seed=3))
+    next(disk_iter)
+    memory_iter = iter(pipeline.make_train_dataset("fashion_mnist", data_dir=data_dir, global_batch_size=16, seed=3,
+                                                   cache_max_bytes=stored))
+    memory_iter.set_state(disk_iter.get_state())
+    np.testing.assert_array_equal(next(disk_iter)["image"], next(memory_iter)["image"])
+
+
 def test_unshuffled_follows_stored_order(data_dir: str):
     source, _ = pipeline.load_source("fashion_mnist", "train", data_dir)
     ids = np.concatenate([_ids(b) for b in _train(data_dir, shuffle=False)])

@@ -237,9 +237,12 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
+    from hybrid_jax.runtime import configure_process
+
     _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/ablation/config.py[:tiny]")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the runs; rerunning resumes and skips.")
     _RESULTS_DIR = flags.DEFINE_string("results_dir", None, "Where tables and plots go (default: config.results_dir).")
     _SOLVE_ONLY = flags.DEFINE_bool("solve_only", False, "Print the budget and the solved models, then stop.")
     flags.mark_flags_as_required(["config", "workdir"])
+    configure_process()
     app.run(main)

@@ -21,11 +21,11 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 from scipy import ndimage
 
 from hybrid_jax import create_model
+from hybrid_jax.checkpoint import Checkpointer
 from hybrid_jax.data import pipeline
 from hybrid_jax.data.augment import AugmentConfig
 from hybrid_jax.train.config import parse_overrides
@@ -100,25 +100,6 @@ def shifted_sets(train_config: Any, shift: Any) -> tuple[dict[str, np.ndarray], 
                          tuple(train_config.resize) or None)
 
 
-def load_variables(workdir: str | Path) -> tuple[int, dict[str, Any]]:
-    """(step, {"params", "batch_stats"}) of the newest finished checkpoint under {workdir}/checkpoints.
-
-    Restores the saved train state without a target (so without the optimizer that built it) and keeps the
-    two collections a forward pass needs.
-    """
-    directory = Path(workdir).absolute() / "checkpoints"
-    steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "state").is_dir()
-                   and (p / "commit_success.txt").exists()) if directory.is_dir() else []
-    if not steps:
-        raise FileNotFoundError(f"no finished checkpoint in {directory}; train the run first")
-    with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(directory / str(steps[-1]) / "state")
-    variables = {"params": state["params"]}
-    if state.get("batch_stats"):
-        variables["batch_stats"] = state["batch_stats"]
-    return steps[-1], variables
-
-
 def evaluate_arrays(model, variables: dict[str, Any], augment: AugmentConfig, images: np.ndarray,
                     labels: np.ndarray, batch_size: int) -> dict[str, float]:
     """Accuracy and loss of `model` on uint8 images, through the training package's eval step.
@@ -157,7 +138,11 @@ def evaluate_run(workdir: str | Path, shift: Any) -> dict[str, Any]:
 
     workdir = Path(workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    step, variables = load_variables(workdir)
+    checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
+    try:
+        step, variables = checkpointer.restore_variables()
+    finally:
+        checkpointer.close()
     sets, labels = shifted_sets(config, shift)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     num_classes = pipeline.describe(config.dataset, config.train_split, config.data_dir or None).num_classes

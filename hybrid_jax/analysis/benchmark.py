@@ -41,6 +41,7 @@ import numpy as np
 
 from hybrid_jax.analysis.flops import count_macs
 from hybrid_jax.registry import create_model, list_models, model_info
+from hybrid_jax.runtime import configure_process
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets; H100 PCIe is about 756).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -329,4 +330,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    configure_process()
     main()

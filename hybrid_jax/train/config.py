@@ -14,6 +14,7 @@ import ml_collections
 DTYPES = ("float32", "bfloat16")
 TASKS = ("classification", "reid")
 REID_DISTANCES = ("cosine", "euclidean")
+HEAD_LOSSES = ("each", "mean")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -36,6 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train_fraction = 1.0  # keep the first fraction of the train split (dataset-size ablations)
     c.resize = ()  # (H, W) to resize images to on the host; () keeps the stored size
     c.read_threads = 4
+    # A training split of fixed-size images whose pixels fit in this many MiB is read into memory once,
+    # sparing the per-record parsing every epoch (Fashion-MNIST: 45 MiB); 0 always reads from disk.
+    c.cache_max_mb = 1024
     c.worker_count = 0  # grain worker processes; 0 reads in the training process
 
     c.batch_size = 128  # global, over all processes and devices
@@ -55,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.clip_norm = 1.0  # global-norm clipping; 0 turns it off
     c.grad_accum_steps = 1
     c.label_smoothing = 0.1
+    # Models with several classifier heads (parallel hybrids): "each" head its own cross-entropy
+    # (Conformer), or "mean": one cross-entropy of their mean logits, the prediction.
+    c.head_loss = "each"
     c.ema_decay = 0.0  # 0 turns the parameter EMA off
     c.no_decay_names = ("pos_embed", "cls_token", "dist_token", "tokens", "relative_position_bias_table", "rel_pos")
 
@@ -132,6 +139,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("set config.num_epochs > 0 or config.total_steps > 0.")
     if config.log_every <= 0 or config.checkpoint_every <= 0:
         raise ConfigError("config.log_every and config.checkpoint_every must be positive.")
+    if config.head_loss not in HEAD_LOSSES:
+        raise ConfigError(f"config.head_loss={config.head_loss!r}; choose one of {HEAD_LOSSES}.")
     if config.task not in TASKS:
         raise ConfigError(f"config.task={config.task!r}; choose one of {TASKS}.")
     if config.task == "reid":

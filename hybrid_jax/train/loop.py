@@ -210,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         train_data = reid_task.make_train_dataset(config)
     else:
         step = functools.partial(train_step, num_classes=train_spec.num_classes,
-                                 label_smoothing=config.label_smoothing, **common)
+                                 label_smoothing=config.label_smoothing, head_loss=config.head_loss, **common)
         eval_fn = jax.jit(functools.partial(eval_step, model=model, augment=augment),
                           in_shardings=(state_shardings.params, state_shardings.batch_stats, batch_sharding),
                           out_shardings=replicated)
@@ -221,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             data_dir=config.data_dir or None, seed=config.seed,
             train_fraction=config.train_fraction if config.train_fraction < 1 else None,
             worker_count=config.worker_count, read_threads=config.read_threads, image_shape=image_shape,
-            resize=tuple(config.resize) or None)
+            resize=tuple(config.resize) or None, cache_max_bytes=config.cache_max_mb * 2**20)
     train_fn = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, replicated), donate_argnums=0)
     data_iter = iter(train_data)

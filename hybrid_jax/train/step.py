@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from hybrid_jax.data.augment import AugmentConfig, augment_batch, eval_batch
+from hybrid_jax.train.config import HEAD_LOSSES
 from hybrid_jax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -18,7 +19,7 @@ def head_logits(model: nn.Module, variables: Any, images: jax.Array, *, train: b
     """Logits per classifier head and the updated batch statistics.
 
     Models with several heads (Conformer's CNN and transformer heads, parallel hybrids)
-    expose `branch_logits`; each head gets its own loss and their mean is the prediction.
+    expose `branch_logits`; their mean is the prediction (`head_loss` says how they train).
     """
     method = "branch_logits" if hasattr(model, "branch_logits") else None
     out, updates = model.apply(variables, images, train=train, rngs=rngs, mutable=["batch_stats"], method=method)
@@ -56,10 +57,25 @@ def update_metrics(grads: Any, params: Any, step: jax.Array, *, schedule: optax.
     }
 
 
+def classification_loss(heads: dict[str, jax.Array], targets: jax.Array, head_loss: str = "each") -> jax.Array:
+    """Cross-entropy of the heads' logits against (smoothed) one-hot targets.
+
+    "each": every head its own cross-entropy, summed (Conformer): each branch learns to classify alone.
+    "mean": one cross-entropy of the mean logits, the prediction itself: the heads act as one linear
+    classifier over both branches' features, and a branch may specialise in what the other misses.
+    With a single head the two are the same.
+    """
+    if head_loss == "each":
+        return sum(optax.softmax_cross_entropy(logits, targets).mean() for logits in heads.values())
+    if head_loss == "mean":
+        return optax.softmax_cross_entropy(sum(heads.values()) / len(heads), targets).mean()
+    raise ValueError(f"head_loss={head_loss!r}; choose one of {HEAD_LOSSES}")
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, augment: AugmentConfig,
                num_classes: int, label_smoothing: float, ema_decay: float,
-               grad_accum_steps: int) -> tuple[TrainState, Metrics]:
+               grad_accum_steps: int, head_loss: str = "each") -> tuple[TrainState, Metrics]:
     """One optimizer micro-step on a global batch of uint8 images, augmented on device."""
     aug_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
     images, labels = augment_batch(aug_rng, batch["image"], batch["label"], num_classes, augment)
@@ -68,8 +84,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     def loss_fn(params):
         heads, batch_stats = head_logits(model, model_variables(params, state.batch_stats),
                                          images.astype(model.dtype), train=True, rngs={"dropout": dropout_rng})
-        loss = sum(optax.softmax_cross_entropy(logits, targets).mean() for logits in heads.values())
-        return loss, (sum(heads.values()) / len(heads), batch_stats)
+        return classification_loss(heads, targets, head_loss), (sum(heads.values()) / len(heads), batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = apply_gradients(state, grads, batch_stats, tx=tx, ema_decay=ema_decay,
