@@ -112,7 +112,9 @@ def test_heads_average_and_separate_for_distillation(tiny):
     logits, (cls, dist) = jax.jit(lambda v, x: (model.apply(v, x, train=False), model.apply(
         v, x, train=False, method=model.forward_heads)))(variables, x)
     assert not np.allclose(cls, dist)
-    np.testing.assert_allclose(logits, (cls + dist) / 2, rtol=1e-5, atol=1e-5)
+    # Untrained logits reach hundreds; float32 rounding in two separately fused programs scales with them.
+    atol = 1e-6 * float(np.abs(cls).max())
+    np.testing.assert_allclose(logits, (cls + dist) / 2, rtol=1e-5, atol=atol)
     # Without the distillation head: the same tree less `head_dist`, and the class head's logits alone.
     single = create_model("test_levit", distilled=False)
     drop_dist = lambda tree: {k: v for k, v in tree.items() if k != "head_dist"}
@@ -120,7 +122,7 @@ def test_heads_average_and_separate_for_distillation(tiny):
     assert jax.tree.map(np.shape, single_vars) == jax.tree.map(np.shape, random_variables(single, x))
     pooled = _apply(model, model.forward_features)(variables, x)["pooled"]
     head_only = single.apply(single_vars, pooled, method=lambda m, p: m.head(p, train=False))
-    np.testing.assert_allclose(head_only, cls, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head_only, cls, rtol=1e-5, atol=atol)
 
 
 def test_smaller_inputs_use_the_matching_part_of_each_bias_table(tiny):

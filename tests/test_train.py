@@ -86,14 +86,14 @@ def _train_on_mesh(model_name: str, mesh_shape, devices, steps: int = 3, optimiz
 
 
 def _check_mesh_matches_one_device(model_name: str, mesh_shape, param_atol: float = 1e-5,
-                                   loss_rtol: float = 1e-5) -> None:
+                                   loss_rtol: float = 1e-5, param_rtol: float = 1e-5) -> None:
     one_losses, one_state = _train_on_mesh(model_name, (1, 1, 1), jax.devices()[:1])
     losses, state = _train_on_mesh(model_name, mesh_shape, jax.devices())
     np.testing.assert_allclose(losses, one_losses, rtol=loss_rtol)
     assert losses[-1] != losses[0]  # the model did learn something in between
     for tree, one_tree in [(state.params, one_state.params), (state.ema_params, one_state.ema_params),
                            (state.batch_stats, one_state.batch_stats)]:
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=param_atol, rtol=1e-5), tree, one_tree)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=param_atol, rtol=param_rtol), tree, one_tree)
 
 
 @pytest.mark.parametrize("model_name", ["test_vit", "test_resnet"])
@@ -106,11 +106,12 @@ def test_sharded_steps_equal_one_device(model_name, mesh_shape):
     ("parallel_hybrid_tiny", (2, 1, 4)), ("tccnet_tiny", (4, 2, 1)), ("conformer_tiny_32", (4, 2, 1)),
     ("mobile_former_tiny_32", (2, 1, 4))])
 def test_parallel_hybrids_train_on_a_mesh_like_on_one_device(model_name, mesh_shape):
-    """Losses to 3e-5, parameters to 1e-4. Each step moves a weight by about lr * |grad| ~ 1e-2, so a
-    wrong gradient shows at 1e-2, while reduction-order rounding through Conformer's two branches
-    reaches 7e-5 on its stem kernel in three steps (it varies run to run) and 1.05e-5 on its third
-    loss with XLA's CPU convolutions, whose summation order follows the per-device batch."""
-    _check_mesh_matches_one_device(model_name, mesh_shape, param_atol=1e-4, loss_rtol=3e-5)
+    """Losses to 3e-5, parameters and batch statistics to 3e-4 + 1e-4 relative. Each step moves a weight
+    by about lr * |grad| ~ 1e-2, so a wrong gradient shows at 1e-2, while reduction-order rounding
+    through Conformer's two branches reaches, in three steps, 1.3e-4 on its stem kernel, 7.9e-5
+    relative on a running variance and 1.05e-5 on its third loss (it varies run to run) with XLA's CPU
+    convolutions, whose summation order follows the per-device batch."""
+    _check_mesh_matches_one_device(model_name, mesh_shape, param_atol=3e-4, loss_rtol=3e-5, param_rtol=1e-4)
 
 
 SERIAL_AND_HIERARCHICAL = [name for name in list_models("test_*")
