@@ -27,6 +27,11 @@ def head_logits(model: nn.Module, variables: Any, images: jax.Array, *, train: b
     return {name: logits.astype(jnp.float32) for name, logits in heads.items()}, updates.get("batch_stats", {})
 
 
+def prediction(heads: dict[str, jax.Array]) -> jax.Array:
+    """The model's prediction: the mean of its heads' logits."""
+    return sum(heads.values()) / len(heads)
+
+
 def model_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     """The variables dict `model.apply` takes; batch statistics only for models that have them."""
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
@@ -68,7 +73,7 @@ def classification_loss(heads: dict[str, jax.Array], targets: jax.Array, head_lo
     if head_loss == "each":
         return sum(optax.softmax_cross_entropy(logits, targets).mean() for logits in heads.values())
     if head_loss == "mean":
-        return optax.softmax_cross_entropy(sum(heads.values()) / len(heads), targets).mean()
+        return optax.softmax_cross_entropy(prediction(heads), targets).mean()
     raise ValueError(f"head_loss={head_loss!r}; choose one of {HEAD_LOSSES}")
 
 
@@ -84,7 +89,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     def loss_fn(params):
         heads, batch_stats = head_logits(model, model_variables(params, state.batch_stats),
                                          images.astype(model.dtype), train=True, rngs={"dropout": dropout_rng})
-        return classification_loss(heads, targets, head_loss), (sum(heads.values()) / len(heads), batch_stats)
+        return classification_loss(heads, targets, head_loss), (prediction(heads), batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = apply_gradients(state, grads, batch_stats, tx=tx, ema_decay=ema_decay,
@@ -102,7 +107,7 @@ def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, mod
     """Sums of loss, correct predictions and real examples over a padded eval batch."""
     images = eval_batch(batch["image"], augment).astype(model.dtype)
     heads, _ = head_logits(model, model_variables(params, batch_stats), images, train=False)
-    logits = sum(heads.values()) / len(heads)
+    logits = prediction(heads)
     mask = batch["mask"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
