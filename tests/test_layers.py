@@ -8,6 +8,8 @@ import pytest
 
 from hybrid_jax.layers import (Conv2d, ConvNormAct, DropPath, InvertedResidual, LayerScale, Mlp, PatchEmbed,
                                SqueezeExcite, resample_pos_embed, torch_padding)
+from hybrid_jax.analysis.flops import count_macs
+from hybrid_jax.layers.conv import depthwise_conv_by_shifts
 
 
 def init_apply(module, *args, **kwargs):
@@ -56,6 +58,38 @@ def test_conv_uses_pytorch_symmetric_padding(kernel_size, strides):
                                        variables["params"]["kernel"], (strides, strides), "VALID",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def grouped_conv(x, kernel, strides, padding, dilation=1):
+    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding, rhs_dilation=(dilation, dilation),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize("kernel_size,strides,padding,dilation", [
+    (3, 1, ((1, 1), (1, 1)), 1), (3, 2, ((1, 1), (1, 1)), 1), (7, 1, ((3, 3), (3, 3)), 1), (5, 2, "SAME", 1),
+    (3, 2, "SAME", 1), (3, 1, "VALID", 1), (3, 1, ((2, 2), (2, 2)), 2), (3, 2, ((0, 1), (1, 0)), 1)])
+def test_depthwise_conv_by_shifts_equals_the_grouped_convolution(kernel_size, strides, padding, dilation):
+    """Values and both gradients, on an odd-sized map so strides leave a remainder."""
+    x = jax.random.normal(jax.random.key(6), (2, 11, 13, 5))
+    kernel = jax.random.normal(jax.random.key(7), (kernel_size, kernel_size, 1, 5))
+    np.testing.assert_allclose(depthwise_conv_by_shifts(x, kernel, strides, padding, dilation),
+                               grouped_conv(x, kernel, strides, padding, dilation), atol=1e-5)
+    loss = lambda conv: lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel, strides, padding, dilation)))
+    ours = jax.grad(loss(depthwise_conv_by_shifts), argnums=(0, 1))(x, kernel)
+    reference = jax.grad(loss(grouped_conv), argnums=(0, 1))(x, kernel)
+    for got, want in zip(ours, reference):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_depthwise_conv2d_on_cpu_takes_the_shifted_sum_and_other_groupings_the_convolution():
+    x = jax.random.normal(jax.random.key(8), (1, 9, 9, 6))
+    depthwise, grouped = Conv2d(6, 3, 2, groups=6), Conv2d(6, 3, 2, groups=3)
+    variables, out = init_apply(depthwise, x)
+    np.testing.assert_allclose(out, grouped_conv(x, variables["params"]["kernel"], 2, [(1, 1), (1, 1)]), atol=1e-5)
+    primitives = lambda module, variables: str(jax.make_jaxpr(lambda x: module.apply(variables, x))(x))
+    assert "conv_general_dilated" not in primitives(depthwise, variables)
+    assert "conv_general_dilated" in primitives(grouped, init_apply(grouped, x)[0])
+    assert count_macs(depthwise.apply, variables, x) == out.size * 3 * 3  # counted as the convolution it is
 
 
 def test_weight_standardized_conv_ignores_kernel_offset_and_scale():

@@ -22,6 +22,7 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
+from hybrid_jax.layers.conv import depthwise_conv_by_shifts
 from hybrid_jax.registry import create_model, model_info
 
 
@@ -49,6 +50,9 @@ def _eqn_macs(eqn: jex_core.JaxprEqn) -> int:
         kernel = eqn.invars[1].aval.shape
         out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
         return math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel) // kernel[out_feature_dim]
+    if eqn.params.get("name") == depthwise_conv_by_shifts.__name__:  # CPU's depthwise convolution (layers.conv)
+        kernel_height, kernel_width = eqn.invars[1].aval.shape[:2]
+        return math.prod(eqn.outvars[0].aval.shape) * kernel_height * kernel_width
     return 0
 
 

@@ -3,8 +3,15 @@
 Feature maps are NHWC. Padding defaults to PyTorch's symmetric `k // 2` rule (so
 converted timm weights give the same logits); "SAME" is TensorFlow's asymmetric
 padding, which the ViT hybrids and MaxViT were trained with.
+
+On CPU a depthwise convolution is computed as a sum of shifted, per-channel scaled
+copies of its input: XLA:CPU's grouped convolution (its own or YNNPACK's) is 20-60x
+slower forward and 10-30x slower in the gradient, and the depthwise-heavy models
+(CoAtNet, EdgeNeXt, MobileViT, Mobile-Former, CMT, CvT) spend most of their time
+there. GPU and TPU keep the convolution.
 """
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -34,6 +41,35 @@ def _resolve_padding(padding: Padding, kernel_size: int, strides: int, dilation:
     return [(pad, pad), (pad, pad)]
 
 
+@functools.partial(jax.jit, static_argnames=("strides", "padding", "dilation"))
+def depthwise_conv_by_shifts(x: jax.Array, kernel: jax.Array, strides: int,
+                             padding: str | tuple[tuple[int, int], ...], dilation: int = 1) -> jax.Array:
+    """A depthwise convolution (kernel HW1C) as a sum of k*k strided slices times per-channel weights.
+
+    The same function as `conv_general_dilated(..., feature_group_count=C)`; XLA fuses it
+    into one elementwise loop, which on CPU is far faster than a grouped convolution.
+    Sums in float32 at least, as a convolution accumulates. Jitted so that traces show
+    it by name, which is how `analysis.flops.count_macs` counts its multiply-adds.
+    """
+    k = kernel.shape[0]
+    span = dilation * (k - 1) + 1
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[1:3], (span, span), (strides, strides), padding)
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    batch, height, width, channels = x.shape
+    out_height, out_width = (height - span) // strides + 1, (width - span) // strides + 1
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)
+    out = jnp.zeros((batch, out_height, out_width, channels), accumulate)
+    for i in range(k):
+        for j in range(k):
+            top, left = i * dilation, j * dilation
+            window = jax.lax.slice(x, (0, top, left, 0),
+                                   (batch, top + (out_height - 1) * strides + 1, left + (out_width - 1) * strides + 1,
+                                    channels), (1, strides, strides, 1))
+            out = out + window.astype(accumulate) * kernel[i, j, 0].astype(accumulate)
+    return out.astype(x.dtype)
+
+
 class Conv2d(nn.Module):
     """2-D convolution with logical axes and optional weight standardisation (BiT's StdConv)."""
 
@@ -60,11 +96,16 @@ class Conv2d(nn.Module):
             mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
             var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
             kernel = (kernel - mean) * jax.lax.rsqrt(var + self.standardize_eps)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), (self.strides, self.strides),
-            _resolve_padding(self.padding, k, self.strides, self.dilation),
-            rhs_dilation=(self.dilation, self.dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        padding = _resolve_padding(self.padding, k, self.strides, self.dilation)
+        depthwise = self.groups == x.shape[-1] == self.features and self.groups > 1
+        if depthwise and jax.default_backend() == "cpu":
+            padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+            y = depthwise_conv_by_shifts(x, kernel, self.strides, padding, self.dilation)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (self.strides, self.strides), padding, rhs_dilation=(self.dilation, self.dilation),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                               (self.features,), self.param_dtype)
