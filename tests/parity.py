@@ -79,5 +79,5 @@ def check_parity(name: str, reference: "torch.nn.Module", size: int | None = Non
     assert ours.shape == theirs.shape
     difference = np.max(np.abs(np.asarray(ours) - theirs))
     assert difference <= tolerance(theirs), (f"{name}: max |logit difference| {difference:.2e} "
-                                     f"(logits up to {np.abs(theirs).max():.1f})")
+                                             f"(logits up to {np.abs(theirs).max():.1f})")
     return difference
