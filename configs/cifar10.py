@@ -8,7 +8,7 @@ tfds builds CIFAR from numpy arrays, which needs TensorFlow and internet once:
 copy the directory into $TFDS_DATA_DIR (the run's error message says the same).
 """
 
-from hybrid_jax.train.config import default_config
+from hybrid_jax.train.config import default_config, model_config
 
 
 def get_config(arg: str | None = None):
@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
     c.dataset = arg or "cifar10"
     if c.dataset not in ("cifar10", "cifar100"):
         raise ValueError(f"unknown config argument {arg!r}; use 'cifar10' or 'cifar100'")
-    c.model = "resnet18"
+    c.model = model_config("resnet18")
     c.batch_size = 256
     c.num_epochs = 100.0
     c.learning_rate = 2e-3

@@ -7,7 +7,7 @@ Fashion-MNIST comes from the Debian package dataset-fashion-mnist and is turned 
 an array_record tfds dataset on first use; nothing is downloaded.
 """
 
-from hybrid_jax.train.config import default_config
+from hybrid_jax.train.config import default_config, model_config
 
 
 def get_config(arg: str | None = None):
@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
     c = default_config()
     # CNN and ViT branches coupled by gating after stages 2 and 4; 0.024 GMACs at 28 px.
     # Measured: 92.23% test accuracy in 488 s for the whole command on 2 CPU cores (README, "Install and run").
-    c.model = "parallel_hybrid_tiny_28"
+    c.model = model_config("parallel_hybrid_tiny_28")
     c.dataset = "fashion_mnist"
     c.batch_size = 64  # on 2 CPU cores as fast per image as 128, and twice the updates
     c.num_epochs = 4.2
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
     c.eval_every = 4000  # once, at the end (3,937 steps): each pass over the test set costs ~9 s of the budget
     c.checkpoint_every = 1000
     if arg == "smoke":  # the few-thousand-parameter ResNet keeps the CLI tests quick
-        c.model = "test_resnet"
+        c.model = model_config("test_resnet")
         c.total_steps = 30
         c.warmup_steps = 5
         c.log_every = 10

@@ -15,7 +15,7 @@ Tricks (arXiv 1903.07071): P x K = 16 x 4, ID loss with label smoothing through 
 triplet (margin 0.3) and center loss, Adam at 3.5e-4 with warmup, 120 epochs.
 """
 
-from hybrid_jax.train.config import default_config
+from hybrid_jax.train.config import default_config, model_config
 
 
 def get_config(arg: str | None = None):
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
     c.task = "reid"
     c.dataset = "market1501"  # or dukemtmc_reid, msmt17
     c.manual_dir = ""  # the extracted dataset; "" means {data_dir}/downloads/manual
-    c.model = "tccnet_s_224"
+    c.model = model_config("tccnet_s_224")
     # The TCCNet-style model's concat coupling needs a square token grid (hybrid_jax/fusion/base.py),
     # so crops are resized to 224x224 instead of re-ID's usual 256x128.
     c.resize = (224, 224)
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
     c.checkpoint_every = 2000
     c.worker_count = 4  # JPEG decoding on the host
     if arg == "resnet50":
-        c.model = "resnet50"
+        c.model = model_config("resnet50")
         c.resize = (256, 128)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; use '' or 'resnet50'")

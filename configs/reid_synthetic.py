@@ -12,15 +12,20 @@ batch-hard triplet loss on P x K = 16 x 4 batches, and is scored by rank-1/5/10 
 of the query split against the gallery, before training (step 0) and after.
 """
 
-from hybrid_jax.train.config import default_config
+from hybrid_jax.train.config import default_config, model_config
 
-# Backbones of similar cost at the 32x32 training input, as `(model, model_overrides)`; GMACs of
-# the backbone forward at batch 1 (hybrid_jax.analysis.flops.count_macs).
+# Backbones of similar cost at the 32x32 training input, as (model, changed fields); GMACs of the
+# backbone forward at batch 1 (hybrid_jax.analysis.flops.count_macs).
 BACKBONES = {
-    "tccnet": ("tccnet_tiny", ""),  # CNN + ViT branches, concat coupling after stage 1, cross-attention after 4
-    "cnn": ("resnet18", ""),  # CNN only
-    "vit": ("test_vit", "embed_dim=96, depth=4, num_heads=3"),  # ViT only, 4x4 patches
+    "tccnet": ("tccnet_tiny", {}),  # CNN + ViT branches, concat coupling after stage 1, cross-attention after 4
+    "cnn": ("resnet18", {}),  # CNN only
+    "vit": ("test_vit", dict(embed_dim=96, depth=4, num_heads=3)),  # ViT only, 4x4 patches
 }
+
+
+def _backbone(key: str):
+    name, fields = BACKBONES[key]
+    return model_config(name, **fields)
 
 
 def get_config(arg: str | None = None):
@@ -31,7 +36,7 @@ def get_config(arg: str | None = None):
     # The TCCNet-style model's concat coupling needs a square token grid (hybrid_jax/fusion/base.py),
     # so the 64x32 crops are resized to 32x32 for every backbone alike.
     c.resize = (32, 32)
-    c.model, c.model_overrides = BACKBONES["tccnet"]
+    c.model = _backbone("tccnet")
     c.batch_size = 64  # P = 16 identities x K = 4 images
     c.reid.images_per_identity = 4
     c.eval_batch_size = 256
@@ -51,10 +56,10 @@ def get_config(arg: str | None = None):
     c.log_every = 25
     c.checkpoint_every = 300
     if arg in BACKBONES:
-        c.model, c.model_overrides = BACKBONES[arg]
+        c.model = _backbone(arg)
     elif arg == "smoke":  # the smaller synthetic set and a 2-block ViT of 50k parameters
         c.dataset = "reid_synthetic/tiny"
-        c.model, c.model_overrides = "test_vit", ""
+        c.model = model_config("test_vit")
         c.batch_size = 32
         c.total_steps = 30
         c.warmup_steps = 5

@@ -15,7 +15,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from hybrid_jax.runtime import configure_process
+from hybrid_jax.runtime import compilation_cache, configure_process
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/fashion_mnist.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots; reruns resume.")
@@ -32,19 +32,51 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, CheckpointError, TrainingDiverged
 
 
+# --config.model.FIELD=VALUE assignments, set aside by the flag parser for main().
+_MODEL_FIELDS: dict[str, str] = {}
+_MODEL_FLAG = re.compile(r"--config\.model(\.\w+)?(=.*)?$", re.DOTALL)
+
+
+def _split_model_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Takes `--config.model.FIELD=VALUE` out of argv: the loop applies them after the file, name first."""
+    rest, fields = [], {}
+    args = iter(argv)
+    for arg in args:
+        match = _MODEL_FLAG.match(arg)
+        if not match:
+            rest.append(arg)
+            continue
+        field, value = match.group(1), match.group(2)
+        if field is None:
+            shown = value[1:] if value else "NAME"
+            sys.exit(f"error: config.model is a nested config now: choose the model with --config.model.name={shown} "
+                     f"and set its fields with --config.model.FIELD=VALUE")
+        fields[field[1:]] = value[1:] if value else next(args, "")
+    return rest, fields
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with a bad `--config.key` reported as one line with close matches."""
+    argv, model_fields = _split_model_flags(argv)
+    _MODEL_FIELDS.update(model_fields)
+    sys.argv = argv  # config_flags finds its overrides in sys.argv itself
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError) as error:
         text = str(error).replace("\\n", " ").strip("'\"")
-        # The error names the last component of the key it could not find.
+        # The error names the last component of the key it could not find (or whose value it could not parse).
         keys = [key for key in re.findall(r"--config\.([\w.]+)", " ".join(argv)) if key.split(".")[-1] in text]
         if keys:
-            key = keys[0]
             from hybrid_jax.train.config import default_config
 
-            known = [k for k in _flatten_keys(default_config().to_dict())]
+            key, defaults = keys[0], default_config()
+            known = _flatten_keys(defaults.to_dict())
+            if key in known:
+                value = defaults
+                for part in key.split("."):
+                    value = value[part]
+                given = next(arg for arg in argv if arg.startswith(f"--config.{key}"))
+                sys.exit(f"error: {given}: config.{key} takes {type(value).__name__} values, e.g. {value!r}")
             close = difflib.get_close_matches(key, known, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             sys.exit(f"error: unknown config key {key!r} in --config.{key}.{hint}")
@@ -67,8 +99,13 @@ def main(argv: list[str]) -> None:
     logging.getLogger("hybrid_jax").setLevel(logging.INFO)
     from hybrid_jax.train.loop import train_and_evaluate
 
+    from hybrid_jax.train.config import set_model_fields
+
     try:
-        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        config = _CONFIG.value
+        set_model_fields(config, _MODEL_FIELDS)
+        with compilation_cache(config.compilation_cache_dir):
+            summary = train_and_evaluate(config, _WORKDIR.value)
     except _user_errors() as error:
         sys.exit(f"error: {error}")
     print(json.dumps(summary, indent=2))

@@ -10,6 +10,7 @@ shell-style patterns. Family files register their variants when
 import dataclasses
 import difflib
 import fnmatch
+import logging
 import os
 from typing import Any
 
@@ -96,8 +97,11 @@ def create_model(name: str, *, num_classes: int | None = None, dtype: Any = None
       name: a registered name, e.g. "vit_base_patch16_224" (see `list_models`).
       num_classes: classifier width; 0 returns pooled features instead of logits.
       dtype: compute dtype, e.g. jnp.bfloat16 (parameters stay float32).
-      pretrained: a local timm / Hugging Face checkpoint (.safetensors, or .pth with
-        torch installed) to convert and load; nothing is downloaded.
+      pretrained: a local checkpoint to convert and load (.safetensors, .npz, or
+        .pth / .pt / .bin with torch installed); nothing is downloaded. Without
+        num_classes the model takes the checkpoint's classifier (none: features);
+        with another num_classes the classifier is initialised afresh; another
+        img_size resamples position tables (see `hybrid_jax.convert`).
       **overrides: any other field of the model's module, e.g. drop_path_rate=0.1.
 
     Returns:
@@ -114,9 +118,21 @@ def create_model(name: str, *, num_classes: int | None = None, dtype: Any = None
     model = entry.module(**{**entry.fields, **overrides})
     if pretrained is None:
         return model
-    from hybrid_jax.convert import load_pretrained
+    return _load_pretrained(name, model, pretrained, classes_from_checkpoint=num_classes is None)
 
-    return model.bind(load_pretrained(name, pretrained, model))
+
+def _load_pretrained(name: str, model: nn.Module, path: str | os.PathLike, *,
+                     classes_from_checkpoint: bool) -> nn.Module:
+    """`model` bound to a converted checkpoint; unless the caller set num_classes, the checkpoint's head sets it."""
+    from hybrid_jax.convert import checkpoint_classes, convert_state_dict, load_state_dict
+
+    state_dict = load_state_dict(path)
+    classes = checkpoint_classes(name, state_dict) if classes_from_checkpoint else model.num_classes
+    if classes != model.num_classes:
+        logging.getLogger(__name__).info("%s: the checkpoint's classifier has %d classes (0: none); building the "
+                                         "model with num_classes=%d", name, classes, classes)
+        model = model.clone(num_classes=classes)
+    return model.bind(convert_state_dict(name, state_dict, model, fit=True))
 
 
 def list_models(pattern: str = "*", *, category: str | None = None) -> list[str]:

@@ -5,6 +5,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -13,7 +14,7 @@ from experiments.ablation import report, run, shift, solver
 from hybrid_jax import create_model
 from hybrid_jax.analysis.flops import measure
 from hybrid_jax.data.pipeline import get_builder
-from hybrid_jax.train.config import parse_overrides
+from hybrid_jax.train.config import model_changes
 
 BUDGETS = (0.0015, 0.003, 0.006)  # GMACs; 0.003 is the real sweep's
 # The default tests give each budget two of the six fusions, so every fusion is solved once; -m slow solves all 18.
@@ -149,8 +150,9 @@ def test_run_names_and_configs_carry_the_solution():
                                1.0, 1.0, 1, 1000, 0.001, 0.001)
     config = ablation_config.get_config()
     c = run.run_config(config, solution, seed=2, fraction=0.1, total_steps=234)
-    assert (c.model, c.seed, c.train_fraction, c.total_steps) == ("resnet18", 2, 0.1, 234)
-    assert parse_overrides(c.model_overrides) == solution.overrides  # the string round-trips
+    assert (c.model.name, c.seed, c.train_fraction, c.total_steps) == ("resnet18", 2, 0.1, 234)
+    assert model_changes(c.model)[1] == solution.overrides  # every solved field, and only those, differs
+    assert model_changes(ml_collections.ConfigDict(json.loads(c.to_json())).model)[1] == solution.overrides
     assert run.run_directory(Path("w"), solution, 0.1, 2) == Path("w/data10/resnet_none_seed2")
     assert run.run_directory(Path("w"), solution, 1.0, 0) == Path("w/data100/resnet_none_seed0")
 

@@ -12,7 +12,8 @@ import pytest
 from hybrid_jax import list_models
 from hybrid_jax.data import pipeline
 from hybrid_jax.metrics import read_metrics
-from hybrid_jax.train.config import ConfigError, check_keys, check_values
+from hybrid_jax.tasks import check_config
+from hybrid_jax.train.config import ConfigError
 from hybrid_jax.train.loop import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +62,9 @@ def test_resumed_reid_run_repeats_the_uninterrupted_steps(data_dir, tmp_path):
     first = {r["step"]: r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"}
     shutil.rmtree(tmp_path / "checkpoints" / "8")
     train_and_evaluate(config, tmp_path)
-    resumed = [(r["step"], r["loss"]) for r in read_metrics(tmp_path) if r["split"] == "train"][8:]
-    assert [step for step, _ in resumed] == list(range(5, 9))
-    assert all(loss == first[step] for step, loss in resumed)
+    records = [(r["step"], r["loss"]) for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert [step for step, _ in records] == list(range(1, 9))  # steps 5-8 rewound, then logged again
+    assert all(loss == first[step] for step, loss in records)
 
 
 @pytest.mark.parametrize("name, arg", [("reid_synthetic", ""), ("reid_synthetic", "cnn"), ("reid_synthetic", "vit"),
@@ -71,9 +72,8 @@ def test_resumed_reid_run_repeats_the_uninterrupted_steps(data_dir, tmp_path):
                                        ("reid_market1501", "resnet50")])
 def test_every_reid_config_loads_and_names_a_registered_model(name, arg):
     config = _load_config(name, arg)
-    check_keys(config)
-    check_values(config)
-    assert config.task == "reid" and config.model in list_models()
+    check_config(config)
+    assert config.task == "reid" and config.model.name in list_models()
 
 
 @pytest.mark.parametrize("override, message", [
@@ -86,4 +86,4 @@ def test_reid_config_mistakes_are_named(override, message):
     config = _load_config("reid_synthetic")
     config.update(override)
     with pytest.raises(ConfigError, match=message):
-        check_values(config)
+        check_config(config)

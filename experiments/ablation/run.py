@@ -16,20 +16,20 @@ python -m experiments.ablation.run --config experiments/ablation/config.py --wor
 SIGTERM stops the current run after a checkpoint; rerunning the same command carries on.
 """
 
-import contextlib
 import json
 import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import jax
 import ml_collections
 
 from experiments.ablation import report, shift, solver
 from hybrid_jax.data import pipeline
+from hybrid_jax.runtime import compilation_cache
+from hybrid_jax.train.config import model_config
 from hybrid_jax.train.loop import TrainingDiverged, train_and_evaluate
 
 log = logging.getLogger("experiments.ablation")
@@ -37,30 +37,6 @@ log = logging.getLogger("experiments.ablation")
 
 class SweepInterrupted(RuntimeError):
     """A run stopped before its last step (SIGTERM); rerunning the sweep resumes it."""
-
-
-@contextlib.contextmanager
-def compilation_cache(directory: Path | None) -> Iterator[None]:
-    """JAX's persistent compilation cache in `directory` for the block, so seeds and data sizes compile once."""
-    if directory is None:
-        yield
-        return
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    saved = {key: jax.config.values[key] for key in keys}
-    directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            jax.config.update(key, value)
-        cc.reset_cache()
 
 
 def run_directory(workdir: Path, solution: solver.Solution, fraction: float, seed: int) -> Path:
@@ -72,8 +48,7 @@ def run_config(config: ml_collections.ConfigDict, solution: solver.Solution, *, 
                total_steps: int) -> ml_collections.ConfigDict:
     """The training config of one run: the sweep's recipe with this model, seed and train fraction."""
     c = ml_collections.ConfigDict(config.train.to_dict())
-    c.model = solution.model
-    c.model_overrides = ", ".join(f"{key}={value!r}" for key, value in sorted(solution.overrides.items()))
+    c.model = model_config(solution.model, **solution.overrides)
     c.seed = seed
     c.train_fraction = fraction
     c.total_steps = total_steps

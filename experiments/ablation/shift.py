@@ -24,11 +24,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from hybrid_jax import create_model
 from hybrid_jax.checkpoint import Checkpointer
 from hybrid_jax.data import pipeline
 from hybrid_jax.data.augment import AugmentConfig
-from hybrid_jax.train.config import parse_overrides
+from hybrid_jax.train.config import build_model
 from hybrid_jax.train.step import eval_step
 
 CORRUPTIONS = ("gaussian_noise", "blur", "contrast")
@@ -146,7 +145,7 @@ def evaluate_run(workdir: str | Path, shift: Any) -> dict[str, Any]:
     sets, labels = shifted_sets(config, shift)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     num_classes = pipeline.describe(config.dataset, config.train_split, config.data_dir or None).num_classes
-    model = create_model(config.model, num_classes=num_classes, dtype=dtype, **parse_overrides(config.model_overrides))
+    model = build_model(config.model, num_classes=num_classes, dtype=dtype)
     augment = AugmentConfig(mean=tuple(config.augment.mean), std=tuple(config.augment.std))
     results = {name: evaluate_arrays(model, variables, augment, images, labels, config.eval_batch_size)
                for name, images in sets.items()}

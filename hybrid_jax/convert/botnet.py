@@ -10,6 +10,8 @@ import numpy as np
 
 from hybrid_jax.convert.core import Collector, StateDict
 
+CLASSIFIER = ("head.fc.bias",)
+
 
 def _conv_bn(out: Collector, sd: StateDict, prefix: str, path: str) -> None:
     out.conv_bn(path, sd, f"{prefix}.conv", f"{prefix}.bn")

@@ -10,6 +10,7 @@ import numpy as np
 from hybrid_jax.convert.core import Collector, StateDict
 
 IGNORE = (r".*rel_indices$",)
+CLASSIFIER = ("head.bias",)
 
 
 def convert(model, sd: StateDict) -> dict:

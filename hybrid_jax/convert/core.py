@@ -8,6 +8,7 @@ walk is done, `StateDict.finish` fails on any tensor that was never taken, and
 path and shape by shape, so a converter cannot silently drop or invent a weight.
 """
 
+import argparse
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -24,15 +25,21 @@ class ConversionError(ValueError):
     """A checkpoint that does not fit the model it is loaded into."""
 
 
-def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Tensors of a local checkpoint: `.safetensors`, or a PyTorch `.pt` / `.pth` / `.bin` (needs torch).
+WRAPPERS = ("state_dict", "model", "model_ema")  # keys a training checkpoint keeps its weights under, first found wins
 
-    A PyTorch file that wraps its weights (`{"state_dict": ...}` or `{"model": ...}`)
-    is unwrapped.
+
+def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Tensors of a local checkpoint: `.safetensors`, `.npz`, or PyTorch `.pth` / `.pt` / `.bin` / `.pth.tar`.
+
+    A PyTorch file that wraps its weights (`{"state_dict": ...}`, `{"model": ...}` or
+    `{"model_ema": ...}`, as training scripts save them) is unwrapped, and the
+    `module.` prefix of (Distributed)DataParallel is stripped. An `.npz` keeps its
+    names (google-research/vision_transformer's `Transformer/encoderblock_0/...`),
+    minus the `opt/target/` prefix of its older files.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}; pass the path of a local .safetensors or .pth file")
+        raise ConversionError(f"no checkpoint file at {path}; pass the path of a local .safetensors, .pth or .npz file")
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -40,19 +47,31 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             return dict(load_file(str(path)))
         except Exception as error:
             raise ConversionError(f"{path} is not a readable safetensors file ({error})") from error
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                return {key.removeprefix("opt/target/"): np.asarray(arrays[key], np.float32) for key in arrays.files}
+        except Exception as error:
+            raise ConversionError(f"{path} is not a readable .npz file of arrays ({error})") from error
+    if path.suffix not in (".pth", ".pt", ".bin", ".tar"):  # timm's training scripts save .pth.tar
+        raise ConversionError(f"{path.name}: unknown checkpoint format; use .safetensors, .pth / .pt / .bin or .npz")
     try:
         import torch
     except ImportError as error:
         raise ImportError(f"reading {path.name} needs PyTorch: pip install 'hybrid_jax[parity]', or save the "
                           "weights as .safetensors") from error
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # training scripts (timm's, Conformer's) also pickle their argparse arguments
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
-    for key in ("state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-    return to_numpy({key: value for key, value in state.items() if hasattr(value, "detach")})
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from error
+    if not isinstance(state, Mapping):
+        raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict; save model.state_dict()")
+    state = next((state[key] for key in WRAPPERS if isinstance(state.get(key), Mapping)), state)
+    tensors = {key.removeprefix("module."): value for key, value in state.items() if hasattr(value, "detach")}
+    if not tensors:
+        raise ConversionError(f"{path} holds no tensors (looked at the top level and under {', '.join(WRAPPERS)})")
+    return to_numpy(tensors)
 
 
 def to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:

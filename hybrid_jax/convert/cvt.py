@@ -7,6 +7,8 @@ projection, and the class token on the last stage.
 
 from hybrid_jax.convert.core import Collector, StateDict
 
+CLASSIFIER = ("classifier.bias",)
+
 
 def _block(out: Collector, sd: StateDict, prefix: str, path: str) -> None:
     attn = f"{prefix}.attention.attention"

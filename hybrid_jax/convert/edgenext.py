@@ -10,6 +10,8 @@ the per-head temperature is stored [heads, 1, 1] in timm and [heads] here.
 
 from hybrid_jax.convert.core import Collector, StateDict
 
+CLASSIFIER = ("head.fc.bias",)
+
 
 def _mlp(out: Collector, sd: StateDict, prefix: str, path: str) -> None:
     out.add(f"{path}/norm", sd.norm(f"{prefix}.norm"))

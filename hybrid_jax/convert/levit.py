@@ -16,6 +16,7 @@ tensor is rearranged. The offset-index buffers are rebuilt from the config.
 from hybrid_jax.convert.core import Collector, StateDict
 
 IGNORE = (r".*attention_bias_idxs$",)
+CLASSIFIER = ("head.linear.bias", "classifier.linear.bias")
 
 
 def _linear_norm(out: Collector, sd: StateDict, prefix: str, path: str, linear: str = "linear",

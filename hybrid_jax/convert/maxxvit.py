@@ -22,6 +22,7 @@ from hybrid_jax.models.maxxvit import stage_sizes
 
 # Buffers computed from the config (older timm versions saved some of them).
 IGNORE = (r".*relative_position_index$", r".*height_lookup$", r".*width_lookup$")
+CLASSIFIER = ("head.fc.bias",)
 
 
 def _dense(sd: StateDict, prefix: str) -> dict[str, np.ndarray]:

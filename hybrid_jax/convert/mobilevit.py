@@ -13,6 +13,8 @@ Which one a state dict is comes from its key names.
 from hybrid_jax.convert.core import Collector, ConversionError, StateDict
 from hybrid_jax.convert.vit import attention as fused_attention
 
+CLASSIFIER = ("head.fc.bias", "classifier.bias")
+
 _IR = ("conv_pw", "conv_dw", "conv_pwl")
 
 

@@ -3,6 +3,8 @@
 from hybrid_jax.convert.core import Collector, StateDict
 from hybrid_jax.layers.conv import RESIDUAL_BLOCKS
 
+CLASSIFIER = ("fc.bias",)
+
 
 def convert(model, sd: StateDict) -> dict:
     out = Collector()

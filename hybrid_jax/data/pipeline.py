@@ -9,7 +9,10 @@ iterator's state is a position and a resumed run sees the same next batches.
 
 Batches are numpy dicts {"image": uint8 [b, H, W, C], "label": int32 [b]};
 eval batches add "mask": bool [b], False on padding. Normalisation and
-augmentation happen on device (`hybrid_jax.data.augment`), not here.
+augmentation happen on device (`hybrid_jax.data.augment`), not here, except the two
+geometric transforms that need the decoded original of a variable-size image: timm's
+eval resize-and-centre-crop (`crop_pct`) and the Inception random-resized-crop
+(`random_crop_scale`), both done with PIL as timm / torchvision do them.
 """
 
 from __future__ import annotations
@@ -50,7 +53,13 @@ EMBEDDED_BUILDERS = {
 # Embedded builders that read a local copy of the data from a manual directory.
 MANUAL_DIR_BUILDERS = (HybridMarket1501, HybridDukemtmcReid, HybridMsmt17)
 DATA_DIR_ENV = "TFDS_DATA_DIR"
-_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+# Aspect-ratio range of the Inception crop (torchvision's RandomResizedCrop default).
+_CROP_RATIO = (3 / 4, 4 / 3)
 
 Batch = dict[str, np.ndarray]
 
@@ -223,17 +232,100 @@ def _check_expected(
     )
 
 
+def _check_crops(
+    shape: tuple[int, int, int],
+    crop_pct: float | None,
+    random_crop_scale: tuple[float, float] | None,
+) -> None:
+    """Rejects crop settings that would silently produce a different view than asked for."""
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise DataError(f"crop_pct must be in (0, 1] (timm's eval uses 0.875 or 0.9), got {crop_pct}.")
+    if crop_pct is not None and shape[0] != shape[1]:
+        raise DataError(
+            f"crop_pct needs a square image size, got {shape[:2]}; set resize=(S, S) or crop_pct=None."
+        )
+    if random_crop_scale is not None and not 0.0 < random_crop_scale[0] <= random_crop_scale[1] <= 1.0:
+        raise DataError(f"random_crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {random_crop_scale}.")
+
+
+def _resize(image: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
+    """Resamples a uint8 [H, W, C] image to `size` (H, W) with PIL, whose filters timm uses."""
+    grey = image.shape[-1] == 1
+    pil = Image.fromarray(image[..., 0] if grey else image)
+    # PIL sizes are (width, height).
+    out = np.asarray(pil.resize(tuple(size[::-1]), _RESAMPLE[method]), dtype=np.uint8)
+    return out[..., None] if grey else out
+
+
+def resize_shorter(image: np.ndarray, size: int, method: str) -> np.ndarray:
+    """Scales the shorter side to `size` keeping the aspect ratio, as torchvision's Resize(int)."""
+    height, width = image.shape[:2]
+    short, long = min(height, width), max(height, width)
+    new_long = int(size * long / short)  # truncated, as torchvision does
+    return _resize(image, (new_long, size) if width <= height else (size, new_long), method)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Cuts the central size x size window; offsets round half to even, as torchvision's CenterCrop."""
+    height, width = image.shape[:2]
+    top, left = round((height - size) / 2), round((width - size) / 2)
+    return image[top : top + size, left : left + size]
+
+
+def eval_view(image: np.ndarray, size: int, crop_pct: float, method: str) -> np.ndarray:
+    """timm's eval transform before normalisation: shorter side to floor(size / crop_pct), centre crop."""
+    return center_crop(resize_shorter(image, math.floor(size / crop_pct), method), size)
+
+
+def _crop_box(
+    height: int, width: int, scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """Samples (top, left, h, w) as torchvision's RandomResizedCrop: 10 tries, then a central crop."""
+    log_ratio = (math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]))
+    for _ in range(10):
+        area = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    if width / height < _CROP_RATIO[0]:
+        w, h = width, round(width / _CROP_RATIO[0])
+    elif width / height > _CROP_RATIO[1]:
+        w, h = round(height * _CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 def _to_example(
-    record: Mapping[str, Any], resize: tuple[int, int] | None, method: str
+    record: Mapping[str, Any],
+    resize: tuple[int, int] | None,
+    method: str,
+    crop_pct: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Keeps image and label with fixed dtypes, resizing only when asked."""
+    """Keeps image and label with fixed dtypes, resizing only when asked.
+
+    With `crop_pct`, timm's `eval_view` at the (square) `resize` or the stored size.
+    """
     image = np.asarray(record["image"], dtype=np.uint8)
-    if resize is not None and image.shape[:2] != tuple(resize):
-        grey = image.shape[-1] == 1
-        pil = Image.fromarray(image[..., 0] if grey else image)
-        # PIL sizes are (width, height).
-        image = np.asarray(pil.resize(resize[::-1], _RESAMPLE[method]), dtype=np.uint8)
-        image = image[..., None] if grey else image
+    if crop_pct is not None:
+        image = eval_view(image, resize[0] if resize else image.shape[0], crop_pct, method)
+    elif resize is not None and image.shape[:2] != tuple(resize):
+        image = _resize(image, resize, method)
+    return {"image": image, "label": np.int32(record["label"])}
+
+
+def _to_cropped_example(
+    record: Mapping[str, Any],
+    rng: np.random.Generator,
+    resize: tuple[int, int] | None,
+    method: str,
+    scale: tuple[float, float],
+) -> dict[str, np.ndarray]:
+    """An Inception crop of the decoded original resized to `resize` (or the stored size)."""
+    image = np.asarray(record["image"], dtype=np.uint8)
+    top, left, h, w = _crop_box(*image.shape[:2], scale, rng)
+    image = _resize(image[top : top + h, left : left + w], resize or image.shape[:2], method)
     return {"image": image, "label": np.int32(record["label"])}
 
 
@@ -406,6 +498,7 @@ def make_train_dataset(
     resize: tuple[int, int] | None = None,
     resize_method: str = "bilinear",
     cache_max_bytes: int = 0,
+    random_crop_scale: tuple[float, float] | None = None,
 ) -> grain.IterDataset:
     """Builds the shuffled, repeated, per-process-sharded training stream.
 
@@ -425,9 +518,13 @@ def make_train_dataset(
       read_threads: threads reading batches in each process (or worker).
       image_shape: expected (H, W, C) after resizing; a mismatch is an error.
       resize: (H, W) to resize to; None keeps stored size.
-      resize_method: "bilinear" or "nearest".
+      resize_method: "nearest", "bilinear" or "bicubic" (PIL's filters).
       cache_max_bytes: read a split of fixed-size images whose uint8 pixels fit in this
         many bytes into memory once (0: never); the order and iterator state are the same.
+      random_crop_scale: (lo, hi) area fraction of an Inception random-resized-crop cut
+        from the decoded original and resized to `resize` (aspect ratio 3/4..4/3), as
+        torchvision samples it; random per (seed, position in the stream), so a resumed
+        run sees the same crops. None: plain resize (crop on device instead, if at all).
 
     Returns:
       A grain IterDataset; `iter()` gives a DatasetIterator of dicts
@@ -437,7 +534,8 @@ def make_train_dataset(
     batch_size, index, count = per_process_batch_size(
         global_batch_size, process_index, process_count
     )
-    source, _ = _open(name, split, data_dir, image_shape, resize, resize_method, cache_max_bytes)
+    source, shape = _open(name, split, data_dir, image_shape, resize, resize_method, cache_max_bytes)
+    _check_crops(shape, None, random_crop_scale)
     ds = grain.MapDataset.source(source)
     if train_fraction is not None:
         ds = ds[: _fraction_size(name, split, len(source), train_fraction)]
@@ -449,7 +547,13 @@ def make_train_dataset(
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
-    ds = ds.map(functools.partial(_to_example, resize=resize, method=resize_method))
+    if random_crop_scale is None:
+        ds = ds.map(functools.partial(_to_example, resize=resize, method=resize_method))
+    else:
+        crop = functools.partial(
+            _to_cropped_example, resize=resize, method=resize_method, scale=tuple(random_crop_scale)
+        )
+        ds = ds.random_map(crop, seed=seed)
     return finish(shard_batches(ds, batch_size, index, count), worker_count, read_threads)
 
 
@@ -466,20 +570,26 @@ def make_eval_dataset(
     image_shape: Sequence[int] | None = None,
     resize: tuple[int, int] | None = None,
     resize_method: str = "bilinear",
+    crop_pct: float | None = None,
 ) -> grain.IterDataset:
     """Builds one ordered pass over a split, padded so every example counts once.
 
     Arguments are as for `make_train_dataset`. The last global batch is filled
     with blank examples whose "mask" is False; weight metrics by "mask".
+    `crop_pct` selects timm's eval view, which published ImageNet numbers are measured
+    with: the shorter side of the decoded original goes to int(S / crop_pct) (by
+    `resize_method`, timm: "bicubic") and the central S x S is kept, S being `resize`
+    (or the stored size). None squashes to `resize` instead.
     """
     batch_size, index, count = per_process_batch_size(
         global_batch_size, process_index, process_count
     )
     source, shape = _open(name, split, data_dir, image_shape, resize, resize_method)
+    _check_crops(shape, crop_pct, None)
     num_padding = -len(source) % global_batch_size
     real = (
         grain.MapDataset.source(source)
-        .map(functools.partial(_to_example, resize=resize, method=resize_method))
+        .map(functools.partial(_to_example, resize=resize, method=resize_method, crop_pct=crop_pct))
         .map(functools.partial(_with_mask, valid=True))
     )
     padding = grain.MapDataset.range(num_padding).map(functools.partial(_padding_example, shape))

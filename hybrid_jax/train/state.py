@@ -20,6 +20,7 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: Any  # BatchNorm running statistics; {} for models without BatchNorm
     opt_state: optax.OptState
     ema_params: Any  # exponential moving average of params; None when disabled
+    ema_batch_stats: Any  # the same average of batch_stats, evaluated with ema_params; None when disabled
     rng: jax.Array  # base key; step k uses fold_in(rng, k), so resuming needs no key bookkeeping
 
 
@@ -41,10 +42,10 @@ def plan_train_state(model: nn.Module, tx: optax.GradientTransformation, image_s
         init_rng, state_rng = jax.random.split(rng)
         images = jnp.zeros((1, *image_shape), jnp.float32)
         variables = model.init({"params": init_rng, "dropout": init_rng}, images, train=False)
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                          ema_params=params if use_ema else None, rng=state_rng)
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                          opt_state=tx.init(params), ema_params=params if use_ema else None,
+                          ema_batch_stats=batch_stats if use_ema else None, rng=state_rng)
 
     rng = jax.random.PRNGKey(seed)
     boxed = jax.eval_shape(init, rng)

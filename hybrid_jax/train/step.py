@@ -39,17 +39,20 @@ def model_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 def apply_gradients(state: TrainState, grads: Any, batch_stats: Any, *, tx: optax.GradientTransformation,
                     ema_decay: float, grad_accum_steps: int) -> TrainState:
-    """The state after one micro-step: optimizer update, new batch statistics, parameter EMA, step + 1."""
+    """The state after one micro-step: optimizer update, new batch statistics, their EMA, step + 1."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
+    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
     if ema_params is not None:
         # Under accumulation params only move on the last micro-step; so does the average.
         is_update = (state.step + 1) % grad_accum_steps == 0
         decay = jnp.where(is_update, ema_decay, 1.0)
-        ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+        average = lambda e, x: decay * e + (1 - decay) * x
+        ema_params = jax.tree.map(average, ema_params, params)
+        # Batch statistics too, as timm's ModelEmaV2 averages buffers: the raw model's fit the raw weights.
+        ema_batch_stats = jax.tree.map(average, ema_batch_stats, batch_stats)
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                         ema_params=ema_params)
+                         ema_params=ema_params, ema_batch_stats=ema_batch_stats)
 
 
 def update_metrics(grads: Any, params: Any, step: jax.Array, *, schedule: optax.Schedule,
