@@ -17,7 +17,8 @@ def get_config(arg: str | None = None):
     """`arg`: the registry name of the model (default deit_small_patch16_224)."""
     c = default_config()
     c.model = model_config(arg or "deit_small_patch16_224")
-    c.model.drop_path_rate = 0.1
+    if "drop_path_rate" in c.model:  # stochastic depth where the family has it
+        c.model.drop_path_rate = 0.1
     c.dataset = "imagenet2012"
     c.eval_split = "validation"
     c.resize = (224, 224)
