@@ -17,6 +17,11 @@ TrainStep = Callable[[TrainState, dict], tuple[TrainState, Metrics]]
 Evaluate = Callable[[Any, Any], dict[str, float]]  # (params, batch_stats) -> metrics of the eval split
 
 
+def optional(value: str) -> str | None:
+    """A config path, with "" (unset) as None, as the data builders take it."""
+    return value or None
+
+
 class Task(abc.ABC):
     """A training problem: its data, model, loss and evaluation.
 

@@ -11,13 +11,9 @@ import jax.numpy as jnp
 from hybrid_jax.data import pipeline
 from hybrid_jax.data.augment import AugmentConfig
 from hybrid_jax.parallel.placement import Placement
-from hybrid_jax.tasks.base import Evaluate, Task, TrainStep
+from hybrid_jax.tasks.base import Evaluate, Task, TrainStep, optional
 from hybrid_jax.train import step
 from hybrid_jax.train.config import build_model
-
-
-def _optional(value: str) -> str | None:
-    return value or None
 
 
 class ClassificationTask(Task):
@@ -26,8 +22,8 @@ class ClassificationTask(Task):
     def __init__(self, config):
         super().__init__(config)
         resize = tuple(config.resize) or None
-        self._train = pipeline.describe(config.dataset, config.train_split, _optional(config.data_dir), resize)
-        self._eval = pipeline.describe(config.dataset, config.eval_split, _optional(config.data_dir), resize)
+        self._train = pipeline.describe(config.dataset, config.train_split, optional(config.data_dir), resize)
+        self._eval = pipeline.describe(config.dataset, config.eval_split, optional(config.data_dir), resize)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -48,7 +44,7 @@ class ClassificationTask(Task):
     def train_dataset(self) -> grain.IterDataset:
         c = self.config
         return pipeline.make_train_dataset(
-            c.dataset, global_batch_size=c.batch_size, split=c.train_split, data_dir=_optional(c.data_dir),
+            c.dataset, global_batch_size=c.batch_size, split=c.train_split, data_dir=optional(c.data_dir),
             seed=c.seed, train_fraction=c.train_fraction if c.train_fraction < 1 else None,
             worker_count=c.worker_count, read_threads=c.read_threads, image_shape=self.image_shape,
             resize=tuple(c.resize) or None, cache_max_bytes=c.cache_max_mb * 2**20,
@@ -63,7 +59,7 @@ class ClassificationTask(Task):
         """Loss and accuracy over the whole eval split (padding masked out)."""
         c = self.config
         dataset = pipeline.make_eval_dataset(c.dataset, global_batch_size=c.eval_batch_size, split=c.eval_split,
-                                             data_dir=_optional(c.data_dir), image_shape=self.image_shape,
+                                             data_dir=optional(c.data_dir), image_shape=self.image_shape,
                                              resize=tuple(c.resize) or None, read_threads=c.read_threads,
                                              crop_pct=c.eval_crop_pct or None, resize_method=c.eval_interpolation)
         totals = None

@@ -17,14 +17,10 @@ from hybrid_jax.reid.evaluate import EmbeddedSet, evaluate_retrieval
 from hybrid_jax.reid.losses import ReidLossConfig
 from hybrid_jax.reid.model import ReidModel
 from hybrid_jax.reid.rerank import RerankConfig
-from hybrid_jax.tasks.base import Evaluate, Task, TrainStep
+from hybrid_jax.tasks.base import Evaluate, Task, TrainStep, optional
 from hybrid_jax.train.config import ConfigError, build_model
 
 DISTANCES = ("cosine", "euclidean")
-
-
-def _optional(value: str) -> str | None:
-    return value or None
 
 
 class ReidTask(Task):
@@ -32,8 +28,8 @@ class ReidTask(Task):
 
     def __init__(self, config):
         super().__init__(config)
-        self._spec = data.describe(config.dataset, config.train_split, _optional(config.data_dir),
-                                   _optional(config.manual_dir), tuple(config.resize) or None)
+        self._spec = data.describe(config.dataset, config.train_split, optional(config.data_dir),
+                                   optional(config.manual_dir), tuple(config.resize) or None)
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -76,7 +72,7 @@ class ReidTask(Task):
         c = self.config
         return data.make_train_dataset(
             c.dataset, global_batch_size=c.batch_size, images_per_identity=c.reid.images_per_identity,
-            split=c.train_split, data_dir=_optional(c.data_dir), manual_dir=_optional(c.manual_dir), seed=c.seed,
+            split=c.train_split, data_dir=optional(c.data_dir), manual_dir=optional(c.manual_dir), seed=c.seed,
             resize=tuple(c.resize) or None, worker_count=c.worker_count, read_threads=c.read_threads)
 
     def evaluator(self, model: ReidModel, augment: AugmentConfig, placement: Placement) -> Evaluate:
@@ -89,7 +85,7 @@ class ReidTask(Task):
         """Embeddings of every image of a query or gallery split (padding included, marked as junk)."""
         c = self.config
         dataset = data.make_eval_dataset(c.dataset, split=split, global_batch_size=c.eval_batch_size,
-                                         data_dir=_optional(c.data_dir), manual_dir=_optional(c.manual_dir),
+                                         data_dir=optional(c.data_dir), manual_dir=optional(c.manual_dir),
                                          resize=tuple(c.resize) or None, read_threads=c.read_threads)
         batches = [jax.device_get(embed_fn(params, batch_stats, placement.global_batch(b))) for b in dataset]
         return EmbeddedSet(*(np.concatenate([b[key] for b in batches])

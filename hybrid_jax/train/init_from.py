@@ -81,9 +81,11 @@ def merge(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> dict[st
         if value is not None and tuple(value.shape) == tuple(like.shape):
             merged[path] = _placed(value, like)
         elif value is not None and (summed := _summed_over_colours(np.asarray(value), like.shape)) is not None:
-            merged[path], _ = _placed(summed, like), adapted.append(inner)
+            merged[path] = _placed(summed, like)
+            adapted.append(inner)
         elif CLASSIFIER.search(inner):
-            merged[path], _ = like, reinitialised.append(inner)
+            merged[path] = like
+            reinitialised.append(inner)
         else:
             shape = "absent" if value is None else f"{tuple(value.shape)}"
             problems.append(f"{inner} (checkpoint {shape}, model {tuple(like.shape)})")
