@@ -16,6 +16,7 @@ _CORE = [
     "ml-collections>=1.0",
     "chex>=0.1.89",
     "numpy>=1.26",
+    "flatbuffers>=24.3",  # jax.export's serialisation (hybrid_jax.export)
 ]
 _EXTRAS = {
     # TensorFlow stays optional: tfds is read through array_record data sources.
@@ -34,6 +35,8 @@ _EXTRAS = {
     # which timm imports; this pair runs on CPU and works with current timm.
     "parity": ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0.15", "transformers>=4.50", "safetensors>=0.4"],
     "notebooks": ["jupyter", "nbclient>=0.10", "nbformat>=5.10", "matplotlib>=3.8"],
+    # `ruff check .` with pyproject.toml's settings; .ci/run installs the same pin before anything else.
+    "lint": ["ruff>=0.17,<0.18"],
 }
 # The tests exercise the data pipeline and the training loop too, and execute experiments/*.ipynb
 # (tests/test_notebooks.py: nbclient drives an ipykernel of the running interpreter).
@@ -50,6 +53,7 @@ setuptools.setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["hybrid_jax", "hybrid_jax.*"]),
+    package_data={"hybrid_jax": ["py.typed"]},  # PEP 561: the package's annotations are for type checkers too
     install_requires=_CORE,
     extras_require=_EXTRAS,
 )

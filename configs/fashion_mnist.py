@@ -14,7 +14,7 @@ def get_config(arg: str | None = None):
     """`arg`: "" for the full run, "smoke" for a 30-step check of the whole pipeline."""
     c = default_config()
     # CNN and ViT branches coupled by gating after stages 2 and 4; 0.024 GMACs at 28 px.
-    # Measured: 92.23% test accuracy in 488 s for the whole command on 2 CPU cores (README, "Install and run").
+    # Measured: 92.23% test accuracy in 488 s for the whole command on 2 CPU cores (docs/cpu_training.md).
     c.model = model_config("parallel_hybrid_tiny_28")
     c.dataset = "fashion_mnist"
     c.batch_size = 64  # on 2 CPU cores as fast per image as 128, and twice the updates
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
     c.warmup_steps = 200
     c.weight_decay = 0.05
     c.label_smoothing = 0.1
-    c.head_loss = "mean"  # one loss on the prediction; each head alone trained slower (README)
+    c.head_loss = "mean"  # one loss on the prediction; each head alone trained slower (docs/cpu_training.md)
     c.augment.flip = False  # 4 epochs underfit (train accuracy ~ test): flips guard against what does not happen
     c.augment.mean = (0.286,)  # Fashion-MNIST pixel statistics
     c.augment.std = (0.353,)

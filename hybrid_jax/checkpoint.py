@@ -172,16 +172,30 @@ class Checkpointer:
         found = self._newest(lambda step: self._restore_into(step, abstract_state, config, allowed_changes))
         return None if found is None else (found[0], *found[1])
 
-    def restore_variables(self, *, ema: bool = False) -> tuple[int, dict[str, Any]]:
-        """(step, {"params", "batch_stats"}) of the newest readable checkpoint, for evaluation and analysis.
+    def restore_variables(self, *, ema: bool = False, step: int | None = None) -> tuple[int, dict[str, Any]]:
+        """(step, {"params", "batch_stats"}) of the newest readable checkpoint, or of `step`, for evaluation and
+        analysis.
 
         Needs no target, so neither the optimizer nor the mesh that wrote it: the arrays come back
-        on the default device. `ema=True` returns the parameter EMA in place of the parameters.
+        on the default device. `ema=True` returns the parameter EMA in place of the parameters. A
+        step asked for by number is read or reported, never set aside.
         """
-        found = self._newest(lambda step: self._read(step, lambda: self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())), "its arrays")["state"])
-        if found is None:
-            raise CheckpointError(f"no checkpoint in {self.directory}; train the run first")
+        def read(step: int) -> dict[str, Any]:
+            return self._read(step, lambda: self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore())), "its arrays")["state"]
+
+        if step is None:
+            found = self._newest(read)
+            if found is None:
+                raise CheckpointError(f"no checkpoint in {self.directory}; train the run first")
+        else:
+            if step not in self.steps():
+                raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; it has steps "
+                                      f"{self.steps() or 'none'}")
+            try:
+                found = step, read(step)
+            except _Unreadable as damage:
+                raise CheckpointError(f"step {step} in {self.directory} cannot be read: {damage}") from None
         step, state = found
         if ema and state.get("ema_params") is None:
             raise CheckpointError(f"the checkpoint at step {step} in {self.directory} has no parameter EMA; "
@@ -211,7 +225,7 @@ class Checkpointer:
                       allowed_changes: Sequence[str]) -> tuple[Any, dict]:
         """(state, data position) of `step` if it fits the run; raises CheckpointMismatch or _Unreadable if not."""
         metadata = self._read(step, lambda: self._manager.item_metadata(step), "its metadata")
-        saved = metadata["state"] if "state" in metadata else None
+        saved = metadata.get("state")
         if saved is None or not ocp.tree.to_flat_dict(saved):  # every state has arrays: this is a partial copy
             raise _Unreadable("its state: no arrays are listed")
         self._check_config(step, "config" in metadata, config, allowed_changes)

@@ -97,9 +97,8 @@ def main(argv: list[str]) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds narrate every step at INFO
     logging.getLogger("hybrid_jax").setLevel(logging.INFO)
-    from hybrid_jax.train.loop import train_and_evaluate
-
     from hybrid_jax.train.config import set_model_fields
+    from hybrid_jax.train.loop import train_and_evaluate
 
     try:
         config = _CONFIG.value

@@ -2,9 +2,10 @@
 
 A variant is data: a Flax module class plus the field values that make it, e.g.
 `resnet50 = ResNet(block="bottleneck", layers=(3, 4, 6, 3))`. `create_model`
-merges the caller's overrides into those fields; `list_models` finds names with
-shell-style patterns. Family files register their variants when
-`hybrid_jax.models` imports them.
+merges the caller's overrides into those fields, or with `features_only=True`
+builds a feature extractor (see `hybrid_jax.layers.features`); `list_models` finds
+names with shell-style patterns. Family files register their variant tables
+(`register_variants`) when `hybrid_jax.models` imports them.
 """
 
 import dataclasses
@@ -12,11 +13,14 @@ import difflib
 import fnmatch
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 
-CATEGORIES = ("cnn", "vit", "serial", "parallel", "hierarchical", "fusion")
+# The survey's ways of joining a CNN and a transformer, and the two baselines. Its fourth, fusion, is a kind of
+# module here (hybrid_jax.fusion), swapped inside the parallel hybrids, not a kind of model.
+CATEGORIES = ("cnn", "vit", "serial", "parallel", "hierarchical")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,11 @@ class ModelEntry:
     def family(self) -> str:
         return self.module.__module__.rsplit(".", 1)[-1]
 
+    @property
+    def feature_info(self) -> tuple:
+        """The variant's feature maps (`hybrid_jax.layers.features.FeatureInfo`), in the order out_indices counts."""
+        return self.module(**self.fields).feature_info
+
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
@@ -57,6 +66,17 @@ def register_model(name: str, module: type[nn.Module], fields: dict[str, Any], *
         raise ValueError(f"unknown category {category!r}; choose one of {CATEGORIES}")
     _check_fields(name, module, fields)
     _REGISTRY[name] = ModelEntry(name, module, dict(fields), category, input_size, paper)
+
+
+def register_variants(module: type[nn.Module], variants: Mapping[str, tuple[dict[str, Any], PaperFigures | None]],
+                      *, category: str, input_size: int | None = None) -> None:
+    """Registers a family's variant table, `{name: (fields, paper figures)}`.
+
+    Each variant's input size is `input_size`, else its `img_size` field, else 224.
+    """
+    for name, (fields, paper) in variants.items():
+        register_model(name, module, fields, category=category, paper=paper,
+                       input_size=input_size or fields.get("img_size", 224))
 
 
 def _field_names(module: type[nn.Module]) -> set[str]:
@@ -90,7 +110,8 @@ def model_info(name: str) -> ModelEntry:
 
 
 def create_model(name: str, *, num_classes: int | None = None, dtype: Any = None,
-                 pretrained: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
+                 pretrained: str | os.PathLike | None = None, features_only: bool = False,
+                 out_indices: Sequence[int | str] | None = None, **overrides: Any) -> nn.Module:
     """Builds the variant `name`; keyword arguments override its fields.
 
     Args:
@@ -102,6 +123,11 @@ def create_model(name: str, *, num_classes: int | None = None, dtype: Any = None
         num_classes the model takes the checkpoint's classifier (none: features);
         with another num_classes the classifier is initialised afresh; another
         img_size resamples position tables (see `hybrid_jax.convert`).
+      features_only: build a `FeatureExtractor` (`hybrid_jax.layers.features`), whose
+        call returns a list of NHWC feature maps and whose `feature_info` gives each
+        one's name, channels and stride; it has no classifier (num_classes is not taken).
+      out_indices: with features_only, which maps: positions in the model's
+        `feature_info` (negative ones count from the end) or names; default all.
       **overrides: any other field of the model's module, e.g. drop_path_rate=0.1.
 
     Returns:
@@ -110,20 +136,34 @@ def create_model(name: str, *, num_classes: int | None = None, dtype: Any = None
       directly, or `module, variables = model.unbind()` for jit.
     """
     entry = _entry(name)
+    if features_only and num_classes is not None:
+        raise ValueError("a features_only model has no classifier; leave num_classes out")
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices chooses feature maps; pass features_only=True with it")
+    if features_only:
+        num_classes = 0
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     if dtype is not None:
         overrides["dtype"] = dtype
     _check_fields(name, entry.module, overrides)
     model = entry.module(**{**entry.fields, **overrides})
-    if pretrained is None:
-        return model
-    return _load_pretrained(name, model, pretrained, classes_from_checkpoint=num_classes is None)
+    variables = None
+    if pretrained is not None:
+        model, variables = _load_pretrained(name, model, pretrained,
+                                            classes_from_checkpoint=num_classes is None)
+    if features_only:
+        from hybrid_jax.layers.features import FeatureExtractor
+
+        if out_indices is not None:
+            out_indices = (out_indices,) if isinstance(out_indices, (int, str)) else tuple(out_indices)
+        model = FeatureExtractor(model, out_indices)
+    return model if variables is None else model.bind(variables)
 
 
 def _load_pretrained(name: str, model: nn.Module, path: str | os.PathLike, *,
-                     classes_from_checkpoint: bool) -> nn.Module:
-    """`model` bound to a converted checkpoint; unless the caller set num_classes, the checkpoint's head sets it."""
+                     classes_from_checkpoint: bool) -> tuple[nn.Module, dict]:
+    """`model` and a converted checkpoint's variables; the checkpoint's classifier sets num_classes unless given."""
     from hybrid_jax.convert import checkpoint_classes, convert_state_dict, load_state_dict
 
     state_dict = load_state_dict(path)
@@ -132,7 +172,7 @@ def _load_pretrained(name: str, model: nn.Module, path: str | os.PathLike, *,
         logging.getLogger(__name__).info("%s: the checkpoint's classifier has %d classes (0: none); building the "
                                          "model with num_classes=%d", name, classes, classes)
         model = model.clone(num_classes=classes)
-    return model.bind(convert_state_dict(name, state_dict, model, fit=True))
+    return model, convert_state_dict(name, state_dict, model, fit=True)
 
 
 def list_models(pattern: str = "*", *, category: str | None = None) -> list[str]:

@@ -22,7 +22,7 @@ import ctypes.util
 import logging
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 

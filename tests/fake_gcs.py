@@ -14,8 +14,8 @@ import json
 import runpy
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from unittest import mock
 
 

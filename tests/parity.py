@@ -39,10 +39,10 @@ def randomize_norms_(model: "torch.nn.Module", seed: int = 0, image_size: int = 
     batch_norms = []
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)):
-                if module.weight is not None:
-                    uniform(module.weight, 0.5, 1.5)
-                    uniform(module.bias, -0.2, 0.2)
+            norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+            if isinstance(module, norms) and module.weight is not None:
+                uniform(module.weight, 0.5, 1.5)
+                uniform(module.bias, -0.2, 0.2)
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.reset_running_stats()
                 module.momentum = None  # cumulative average

@@ -1,6 +1,8 @@
 """The matched-compute ablation engine (experiments/ablation): solver, corruptions, sweep, report."""
 
+import dataclasses
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -8,9 +10,11 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from experiments.ablation import config as ablation_config
-from experiments.ablation import report, run, shift, solver
+from experiments.ablation import plots, report, run, shift, solver
+from experiments.ablation import stats as ablation_stats
 from hybrid_jax import create_model
 from hybrid_jax.analysis.flops import measure
 from hybrid_jax.data.pipeline import get_builder
@@ -89,115 +93,210 @@ def test_corruptions_are_deterministic_and_shift_the_images():
 
 
 # --------------------------------------------------------------------------- #
-# The sweep, end to end
+# The study, end to end
 # --------------------------------------------------------------------------- #
 
 
 def _tiny_config(data_dir: str, results_dir: Path):
     config = ablation_config.get_config("tiny")
     config.train.data_dir = data_dir
-    config.train_fractions = (1.0,)  # the report's side-by-side layout is covered by test_report_*
+    config.budgets = (0.001,)  # the other cells (a second budget, 10% data) are the notebook's, and the plan's
+    config.train_fractions = (1.0,)  # order is test_study_plan_*'s
     config.results_dir = str(results_dir)
     return config
 
 
-def test_tiny_sweep_writes_results_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, fmnist_dir, capsys,
-                                                                                    caplog):
-    """2 models x 2 seeds at a tiny budget: tables, plots, then a rerun that trains nothing, then a resume."""
+def test_tiny_study_searches_rates_trains_skips_finished_runs_and_resumes(tmp_path, fmnist_dir, capsys, caplog):
+    """2 models x 2 rates of search on held-out data, then each model at its best rate: tables, plots, a rerun
+    that trains nothing, a part that stops at its deadline, then a resume."""
     config = _tiny_config(fmnist_dir, tmp_path / "results")
     first = run.run_sweep(config, tmp_path / "runs")
     out = capsys.readouterr().out
-    assert f"GMACs budget: {config.budget_gmacs:g} per 32x32x1 image" in out
-    assert len(first["trained"]) == 4 and not first["skipped"]
-    for name in ("runs.csv", "results.csv", "results.md", "finding.md", *report.PLOTS):
+    assert "GMACs budgets: 0.001 per 32x32x1 image" in out
+    assert len(first["search"]) == 4 and len(first["trained"]) == 4 + 2 and not first["unstarted"]
+    for record in first["search"]:  # trained on the first 90% of the training split, scored on the rest
+        saved = json.loads((tmp_path / "runs" / "lr_search" / f"{record['name']}_lr{record['learning_rate']:g}"
+                            / "config.json").read_text())
+        assert (saved["train_split"], saved["eval_split"]) == ("train[:90%]", "train[90%:]")
+    for name in {r["name"] for r in first["search"]}:
+        best = max((r for r in first["search"] if r["name"] == name), key=lambda r: r["heldout_accuracy"])
+        assert first["rates"][name] == best["learning_rate"]
+        assert {r["learning_rate"] for r in first["records"] if r["name"] == name} == {best["learning_rate"]}
+    for name in ("runs.csv", "lr_search.csv", "curves.csv", "results.csv", "results.md", "finding.md",
+                 *plots.all_figures([], [], [])):
         path = tmp_path / "results" / name
         assert path.stat().st_size > 0, name
         if name.endswith(".png"):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = report.read_csv(tmp_path / "results" / "results.csv")
-    assert {(r["model"], r["pattern"], r["fusion"], r["seeds"]) for r in rows} == {
-        ("parallel_hybrid", "parallel", "gating", 2), ("resnet", "cnn", "", 2)}
+    assert {(r["budget_gmacs"], r["train_fraction"], r["model"], r["fusion"]) for r in rows} == {
+        (0.001, 1.0, "parallel_hybrid", "gating"), (0.001, 1.0, "resnet", "")}
     for r in rows:
-        assert abs(r["gmacs"] / config.budget_gmacs - 1) <= 0.05 and r["params"] > 0
-        assert 0 <= r["accuracy_mean"] <= 1 and r["accuracy_std"] >= 0 and r["train_images_per_sec"] > 0
-    table = (tmp_path / "results" / "results.md").read_text()
-    assert "| parallel_hybrid | parallel | gating |" in table and "| resnet | cnn | - |" in table
+        assert abs(r["gmacs"] / r["budget_gmacs"] - 1) <= 0.05 and r["params"] > 0 and r["seeds"] == 1
+    curves = report.read_csv(tmp_path / "results" / "curves.csv")
+    assert {c["step"] for c in curves} == {3, 6} and len(curves) == 2 * 2
+    branches = report.read_csv(tmp_path / "results" / "attribution.csv")
+    assert {b["head"] for b in branches} == {"cnn", "transformer", "mean"}
+    shares = [b["share"] for b in branches if b["head"] != "mean"]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-5) and all(0 <= s <= 1 for s in shares)
     for record in first["records"]:
         # The shift subset is the whole (tiny) eval split here: the hook must reproduce the loop's accuracy.
         assert record["clean_accuracy"] == pytest.approx(record["accuracy"], abs=1e-6)
-        for corruption in shift.CORRUPTIONS:
-            assert 0 <= record[f"{corruption}_accuracy"] <= 1
+        levels = [record[f"severity{k}_accuracy"] for k in (1, 2, 3)]
+        assert record["shift_accuracy"] == pytest.approx(statistics.fmean(levels))
 
     again = run.run_sweep(config, tmp_path / "runs")
-    assert not again["trained"] and sorted(again["skipped"]) == sorted(first["trained"])
-    assert again["records"] == first["records"]
+    assert not again["trained"] and again["records"] == first["records"] and again["search"] == first["search"]
 
-    # Interrupt one run after its first checkpoint: rerunning trains it alone, from that checkpoint.
-    victim = tmp_path / "runs" / "data100" / "resnet_none_seed1"
+    # Interrupt one run after its first checkpoint. A part whose time is up starts nothing and says what is left;
+    # the next part trains that run alone, from its checkpoint.
+    victim = tmp_path / "runs" / "gmacs0.001" / "data100" / "resnet_none_seed0"
     for name in ("summary.json", "shift.json"):
         (victim / name).unlink()
     shutil.rmtree(victim / "checkpoints" / str(config.train.total_steps))
+    capsys.readouterr()
+    stopped = run.run_sweep(config, tmp_path / "runs", max_hours=1e-9)
+    assert stopped["unstarted"] == 1 and not stopped["trained"] and len(stopped["records"]) == 1
+    assert "1 runs left for the next part: rerun the same command" in capsys.readouterr().out
     caplog.set_level("INFO", logger="hybrid_jax")
     resumed = run.run_sweep(config, tmp_path / "runs")
-    assert resumed["trained"] == ["data100/resnet_none_seed1"]
+    assert resumed["trained"] == ["gmacs0.001/data100/resnet_none_seed0"] and not resumed["unstarted"]
     assert f"resumed from step {config.train.checkpoint_every}" in caplog.text
     assert json.loads((victim / "summary.json").read_text())["steps"] == config.train.total_steps
 
 
-def test_run_names_and_configs_carry_the_solution():
-    solution = solver.Solution("cnn", None, "resnet18", "resnet", dict(block="basic", layers=(1, 1, 1),
-                                                                         widths=(8, 16, 32), stem_width=8),
-                               1.0, 1.0, 1, 1000, 0.001, 0.001)
+def _solution(budget: float = 0.001) -> solver.Solution:
+    return solver.Solution("cnn", None, "resnet18", "resnet", dict(block="basic", layers=(1, 1, 1),
+                                                                     widths=(8, 16, 32), stem_width=8),
+                           1.0, 1.0, 1, 1000, budget, budget)
+
+
+def test_run_names_and_configs_carry_the_solution_rate_and_split():
     config = ablation_config.get_config()
-    c = run.run_config(config, solution, seed=2, fraction=0.1, total_steps=234)
-    assert (c.model.name, c.seed, c.train_fraction, c.total_steps) == ("resnet18", 2, 0.1, 234)
-    assert {key: c.model[key] for key in solution.overrides} == solution.overrides
+    job = run.Job(_solution(), 0.1, 2, 4e-3)
+    c = run.run_config(config, job, total_steps=234)
+    assert (c.model.name, c.seed, c.train_fraction, c.total_steps, c.learning_rate) == ("resnet18", 2, 0.1, 234, 4e-3)
+    assert (c.train_split, c.eval_split) == ("train", "test")
+    assert {key: c.model[key] for key in job.solution.overrides} == job.solution.overrides
     name, changes = model_changes(c.model)  # a solved field equal to the variant's value is no change
-    assert name == "resnet18" and changes.items() <= solution.overrides.items() and "widths" in changes
+    assert name == "resnet18" and changes.items() <= job.solution.overrides.items() and "widths" in changes
     assert model_changes(ml_collections.ConfigDict(json.loads(c.to_json())).model) == (name, changes)
-    assert run.run_directory(Path("w"), solution, 0.1, 2) == Path("w/data10/resnet_none_seed2")
-    assert run.run_directory(Path("w"), solution, 1.0, 0) == Path("w/data100/resnet_none_seed0")
+    assert job.directory(Path("w")) == Path("w/gmacs0.001/data10/resnet_none_seed2")
+    search = run.Job(_solution(), 1.0, 0, 2e-3, search=True)
+    assert search.directory(Path("w")) == Path("w/lr_search/resnet_none_lr0.002")
+    c = run.run_config(config, search, total_steps=10)
+    assert (c.train_split, c.eval_split, c.learning_rate) == ("train[:90%]", "train[90%:]", 2e-3)
+
+
+def test_study_plan_puts_the_main_cell_first_and_small_data_on_chosen_fusions():
+    config = ablation_config.get_config()
+    main, small = (solver.Solution("parallel", f, "parallel_hybrid_tiny", "parallel_hybrid", {}, 1, 1, 1, 1, b, b)
+                   for f, b in (("gating", 0.02), ("concat", 0.005)))
+    concat_main = dataclasses.replace(main, fusion="concat")
+    solutions = [main, concat_main, small, _solution(0.02)]
+    rates = {s.name: 1e-3 for s in solutions}
+    jobs = run.study_jobs(config, solutions, rates)
+    cells = [(j.solution.budget_gmacs, j.fraction) for j in jobs]
+    assert cells == sorted(cells, key=lambda c: (c != (0.02, 1.0), c[1] != 1.0))  # main, other budget, less data
+    assert len([c for c in cells if c == (0.02, 1.0)]) == 3 * 3 and len([c for c in cells if c[0] == 0.005]) == 3
+    small_data = {j.solution.name for j in jobs if j.fraction == 0.1}
+    assert small_data == {"parallel_hybrid_gating", "resnet_none"}  # concat is not in small_data_fusions
+    assert [j.seed for j in jobs if (j.solution.budget_gmacs, j.fraction) == (0.02, 1.0)] == [0] * 3 + [1] * 3 + [2] * 3
+    assert run.choose_learning_rates([{"name": "a", "learning_rate": 1e-3, "heldout_accuracy": 0.5},
+                                      {"name": "a", "learning_rate": 2e-3, "heldout_accuracy": 0.7},
+                                      {"name": "b", "learning_rate": 4e-3, "heldout_accuracy": 0.1}]) == {
+        "a": 2e-3, "b": 4e-3}
 
 
 # --------------------------------------------------------------------------- #
-# Report
+# Statistics and report
 # --------------------------------------------------------------------------- #
+
+
+def test_intervals_and_paired_tests_match_textbook_values():
+    # t(0.975, 2) = 4.3027; the half-width is t * s / sqrt(n).
+    assert ablation_stats.interval([1.0, 2.0, 3.0]) == pytest.approx(4.3027 * 1.0 / math.sqrt(3), rel=1e-4)
+    assert math.isnan(ablation_stats.interval([1.0]))
+    a, b = {0: 0.90, 1: 0.91, 2: 0.92}, {0: 0.88, 1: 0.90, 2: 0.90, 3: 0.5}  # seed 3 has no partner
+    c = ablation_stats.paired("a", "b", a, b)
+    differences = [0.02, 0.01, 0.02]
+    t = statistics.fmean(differences) / (statistics.stdev(differences) / math.sqrt(3))
+    assert c.seeds == 3 and c.difference == pytest.approx(statistics.fmean(differences))
+    assert c.p_value == pytest.approx(2 * (1 - scipy_stats.t.cdf(t, 2)))
+    # Holm: sorted p (0.01, 0.02, 0.04) x (3, 2, 1) -> 0.03, 0.04, 0.04 (monotone), in the input's order.
+    tests = [dataclasses.replace(c, p_value=p) for p in (0.04, 0.01, 0.02)]
+    assert [x.p_adjusted for x in ablation_stats.holm(tests)] == pytest.approx([0.04, 0.03, 0.04])
+    assert [x.significant for x in ablation_stats.holm(tests)] == [True, True, True]
+    assert not dataclasses.replace(c, p_value=0.2, p_adjusted=0.06).significant
 
 
 def _fake_records() -> list[dict]:
-    """A full sweep's records (10 models x 2 data sizes x 3 seeds) with made-up accuracies."""
+    """A full study's records (10 models at the main budget, 3 seeds, plus a second budget and 10% data) with
+    made-up accuracies: vit best by a wide margin, the fusions within noise of each other."""
     rng = np.random.default_rng(0)
     models = [("parallel_hybrid", "parallel", f) for f in report.FUSION_ORDER] + [
         ("coatnet", "serial", ""), ("maxvit", "hierarchical", ""), ("resnet", "cnn", ""), ("vit", "vit", "")]
     records = []
     for i, (model, pattern, fusion) in enumerate(models):
-        for fraction in (1.0, 0.1):
+        for budget, fraction in ((0.02, 1.0), (0.005, 1.0), (0.02, 0.1)):
             for seed in range(3):
-                acc = 0.85 + 0.005 * i - (0.04 if fraction < 1 else 0) + 0.003 * rng.standard_normal()
-                corrupted = {f"{c}_accuracy": acc - 0.1 - 0.02 * j for j, c in enumerate(shift.CORRUPTIONS)}
+                acc = (0.85 + (0.05 if model == "vit" else 0.0005 * i) - (0.04 if fraction < 1 else 0)
+                       - (0.02 if budget < 0.02 else 0) + 0.003 * rng.standard_normal())
+                shifted = {f"{c}_s{k}_accuracy": acc - 0.05 * k - 0.01 * j
+                           for j, c in enumerate(report.CORRUPTIONS) for k in (1, 2, 3)}
+                by_corruption = {f"{c}_accuracy": statistics.fmean(shifted[f"{c}_s{k}_accuracy"] for k in (1, 2, 3))
+                                 for c in report.CORRUPTIONS}
+                by_level = {f"severity{k}_accuracy": statistics.fmean(shifted[f"{c}_s{k}_accuracy"]
+                                                                      for c in report.CORRUPTIONS) for k in (1, 2, 3)}
                 records.append(dict(name=f"{model}_{fusion or 'none'}", model=model, pattern=pattern, fusion=fusion,
-                                    train_fraction=fraction, seed=seed, steps=234, params=40000 + 1000 * i,
-                                    gmacs=0.003 * (1 + 0.01 * (i - 5)), accuracy=acc, clean_accuracy=acc + 0.001,
-                                    shift_accuracy=statistics.fmean(corrupted.values()), **corrupted,
-                                    train_images_per_sec=500.0 + i, infer_images_per_sec=3000.0, wall_time_s=30.0))
+                                    budget_gmacs=budget, train_fraction=fraction, seed=seed, learning_rate=2e-3,
+                                    steps=234, params=40000 + 1000 * i, gmacs=budget * (1 + 0.01 * (i - 5)),
+                                    accuracy=acc, train_accuracy=acc + 0.01, clean_accuracy=acc + 0.001,
+                                    shift_accuracy=statistics.fmean(by_corruption.values()), **shifted,
+                                    **by_corruption, **by_level, train_images_per_sec=500.0 + i,
+                                    infer_images_per_sec=3000.0, wall_time_s=30.0))
     return records
 
 
-def test_report_aggregates_seeds_and_writes_tables_plots_and_finding(tmp_path):
+def test_report_aggregates_seeds_marks_significance_and_writes_tables_and_plots(tmp_path):
     records = _fake_records()
-    paths = report.write_results(records, tmp_path, budget=0.003, tolerance=0.05, solver_table="| solver |")
+    search = [{**{k: r[k] for k in ("name", "model", "pattern", "fusion", "budget_gmacs", "params", "gmacs")},
+               "learning_rate": rate, "steps": 10, "heldout_accuracy": 0.8 + rate, "train_accuracy": 0.8,
+               "wall_time_s": 1.0} for r in records if r["seed"] == 0 and r["budget_gmacs"] == 0.02
+              and r["train_fraction"] == 1.0 for rate in (1e-3, 2e-3, 4e-3)]
+    curves = [{"name": "vit_none", "budget_gmacs": 0.02, "train_fraction": 1.0, "seed": 0, "step": step,
+               "loss": 1 / step, "accuracy": 0.5} for step in (50, 100)]
+    branches = [{**{k: r[k] for k in ("name", "model", "fusion", "budget_gmacs", "train_fraction", "seed")},
+                 "head": head, "head_accuracy": r["accuracy"] - 0.01, "share": share}
+                for r in records if r["pattern"] == "parallel"
+                for head, share in (("cnn", 0.3), ("transformer", 0.7), ("mean", math.nan))]
+    paths = report.write_results(records, tmp_path, search=search, curves=curves, branches=branches,
+                                 tolerance=0.05, solver_table="| solver |")
     rows = report.read_csv(paths["results.csv"])
-    assert len(rows) == 20 and all(r["seeds"] == 3 for r in rows)
-    vit_full = [r for r in records if r["model"] == "vit" and r["train_fraction"] == 1.0]
-    row = next(r for r in rows if r["model"] == "vit" and r["train_fraction"] == 1.0)
-    assert row["accuracy_mean"] == pytest.approx(statistics.fmean(r["accuracy"] for r in vit_full))
-    assert row["accuracy_std"] == pytest.approx(statistics.stdev(r["accuracy"] for r in vit_full))
-    assert [r["pattern"] for r in rows[::2]] == ["parallel"] * 6 + ["serial", "hierarchical", "cnn", "vit"]
-    table = report.markdown_table(report.aggregate(records))
-    assert "accuracy, 100% data | accuracy, 10% data | shifted accuracy, 100% data" in table
+    assert len(rows) == 30 and all(r["seeds"] == 3 for r in rows)
+    vit = [r["accuracy"] for r in records if r["model"] == "vit" and r["budget_gmacs"] == 0.02
+           and r["train_fraction"] == 1.0]
+    row = next(r for r in rows if r["model"] == "vit" and r["budget_gmacs"] == 0.02 and r["train_fraction"] == 1.0)
+    assert row["accuracy_mean"] == pytest.approx(statistics.fmean(vit))
+    assert row["accuracy_std"] == pytest.approx(statistics.stdev(vit))
+    assert row["accuracy_ci"] == pytest.approx(ablation_stats.interval(vit))
+    main = [r for r in rows if r["budget_gmacs"] == 0.02 and r["train_fraction"] == 1.0]
+    assert [r["pattern"] for r in main] == ["parallel"] * 6 + ["serial", "hierarchical", "cnn", "vit"]
+    table = report.headline_table(report.aggregate(records))
+    assert "0.02 GMACs, 100% data | 0.005 GMACs, 100% data | 0.02 GMACs, 10% data" in table
     assert len(table.splitlines()) == 2 + 10
     text = paths["finding.md"].read_text()
-    assert "vit (vit) is most accurate" in text and "fusions" in text and "10% of the data" in text
-    assert len(report.read_csv(paths["runs.csv"])) == 60
-    for name in report.PLOTS:
+    assert "The best, vit, is significantly above" in text  # 5 points over the rest at 0.3 points of seed noise
+    assert "Fusions:" in text and "not significantly different from" in text  # fusions 0.05 points apart
+    assert "Spearman" in text and "10% of the training set" in text and "Shift" in text
+    assert "gating transformer 70%" in text  # the branch with the larger share, per fusion
+    markdown = paths["results.md"].read_text()
+    assert "| vit | parallel_hybrid (concat) |" in markdown and "**" in markdown  # a comparison row; the chosen rate
+    assert "| 0.02 GMACs, 100% data | gating |" in markdown and "| 30.0 | 70.0 |" in markdown  # branch table
+    assert len(report.read_csv(paths["runs.csv"])) == 90 and len(report.read_csv(paths["lr_search.csv"])) == 30
+    assert sum(r["chosen"] == "True" for r in report.read_csv(paths["lr_search.csv"])) == 10
+    for name in plots.all_figures([], [], []):
         assert paths[name].read_bytes()[:4] == b"\x89PNG"
+    assert len(report.read_csv(paths["attribution.csv"])) == 3 * len([r for r in records if r["pattern"] == "parallel"])
+    loaded = report.load(tmp_path)
+    assert len(loaded["records"]) == 90 and loaded["curves"][0]["step"] == 50

@@ -95,11 +95,12 @@ def test_multi_head_attention_module_matches_reference():
     x = jax.random.normal(jax.random.key(10), (2, 9, 24))
     context = jax.random.normal(jax.random.key(11), (2, 4, 24))
     module = MultiHeadAttention(num_heads=4)
+    proj = lambda params, t: (t @ params["kernel"] + params["bias"]).reshape(*t.shape[:-1], 4, 6)
     for ctx in (None, context):
         params = nn.meta.unbox(module.init(jax.random.key(12), x, ctx))["params"]
         src = x if ctx is None else ctx
-        proj = lambda name, t: (t @ params[name]["kernel"] + params[name]["bias"]).reshape(*t.shape[:-1], 4, 6)
-        ref = naive_attention(proj("query", x), proj("key", src), proj("value", src)).reshape(2, 9, 24)
+        ref = naive_attention(proj(params["query"], x), proj(params["key"], src), proj(params["value"], src))
+        ref = ref.reshape(2, 9, 24)
         ref = ref @ np.asarray(params["out"]["kernel"], np.float64) + np.asarray(params["out"]["bias"])
         np.testing.assert_allclose(module.apply({"params": params}, x, ctx), ref, atol=1e-5, rtol=1e-5)
 

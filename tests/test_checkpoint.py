@@ -1,7 +1,6 @@
 """Resume tells damage from change: a changed config or state stops with the differences named and moves
 nothing; a damaged step is set aside; transient errors are retried; a gs:// workdir round-trips."""
 
-import json
 import logging
 import re
 import shutil

@@ -1,17 +1,19 @@
 """CoAtNet: relative attention over the whole map, its tables at other resolutions, the stage layout and the head."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_maxvit import random_variables
 
 from hybrid_jax import create_model
 from hybrid_jax.analysis.flops import count_macs
 from hybrid_jax.layers import attention
 from hybrid_jax.layers.relpos import from_flat_table, lookup_bias, resize_table
 from hybrid_jax.models.maxxvit import BlockConfig, TransformerBlock, make_divisible, stage_sizes
+from test_maxvit import random_variables
 
 
 def test_flat_table_lookup_matches_the_swin_index():
@@ -72,7 +74,7 @@ def test_the_first_transformer_block_of_a_stage_pools_and_widens():
     x = jnp.zeros((1, 8, 8, 8))
     for expand_first, heads in ((True, 4), (False, 2)):
         block = TransformerBlock(16, 2, (4, 4), BlockConfig(head_dim=4, expand_first=expand_first))
-        out, variables = jax.eval_shape(lambda x: block.init_with_output(jax.random.key(0), x, train=False), x)
+        out, variables = jax.eval_shape(functools.partial(block.init_with_output, jax.random.key(0), train=False), x)
         params = flax.traverse_util.flatten_dict(flax.linen.meta.unbox(variables["params"]), sep="/")
         assert out.shape == (1, 4, 4, 16)
         assert params["shortcut/expand/kernel"].shape == (1, 1, 8, 16)

@@ -7,8 +7,15 @@ import pytest
 
 from hybrid_jax import list_models, model_info
 from hybrid_jax.tasks import check_config
-from hybrid_jax.train.config import (ConfigError, build_model, check_keys, default_config, model_changes,
-                                     model_config, set_model_fields)
+from hybrid_jax.train.config import (
+    ConfigError,
+    build_model,
+    check_keys,
+    default_config,
+    model_changes,
+    model_config,
+    set_model_fields,
+)
 
 
 def test_model_config_holds_every_field_of_the_variant_with_its_value():

@@ -10,7 +10,6 @@ torch = pytest.importorskip("torch", reason="converter tests need the parity ext
 timm = pytest.importorskip("timm")
 
 import flax  # noqa: E402
-from parity import randomize_norms_, tolerance, torch_logits  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from timm.models.vision_transformer import _load_weights  # noqa: E402
 from timm.models.vision_transformer_hybrid import _create_vision_transformer_hybrid, _resnetv2  # noqa: E402
@@ -18,6 +17,7 @@ from timm.models.vision_transformer_hybrid import _create_vision_transformer_hyb
 from hybrid_jax import create_model  # noqa: E402
 from hybrid_jax.convert import ConversionError, convert_state_dict  # noqa: E402
 from hybrid_jax.layers.patch import resample_pos_embed  # noqa: E402
+from parity import randomize_norms_, tolerance, torch_logits  # noqa: E402
 
 TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)  # our test_vit
 

@@ -1,5 +1,6 @@
 """Every registered fusion through the shared interface; concat, add, gating and cross-attention by hand."""
 
+import functools
 import importlib
 
 import flax.linen as nn
@@ -67,10 +68,14 @@ def test_gradients_reach_both_inputs_in_each_direction(name):
     fusion = fusion_or_skip(name)
     local, tokens = streams()
     variables = init(fusion, local, tokens)
+
+    def loss(local, tokens, weights, method):
+        return jnp.sum(weights * fusion.apply(variables, local, tokens, train=False, method=method))
+
     for method, out in ((fusion.to_tokens, tokens), (fusion.to_local, local)):
         weights = jax.random.normal(jax.random.key(5), out.shape)
-        loss = lambda l, t: jnp.sum(weights * fusion.apply(variables, l, t, train=False, method=method))
-        for grad in jax.jit(jax.grad(loss, argnums=(0, 1)))(local, tokens):
+        weighted = functools.partial(loss, weights=weights, method=method)
+        for grad in jax.jit(jax.grad(weighted, argnums=(0, 1)))(local, tokens):
             assert np.all(np.isfinite(grad)) and np.any(np.abs(grad) > 1e-6), method.__name__
 
 

@@ -172,7 +172,7 @@ def test_maps_of_a_parallel_hybrid_and_their_overlays_render_to_png(hybrid, tmp_
     cnn = interpret.grad_cam(model, variables, images, "cnn4", head="cnn")
     tokens = interpret.grad_cam(model, variables, images, "transformer3", head="transformer")
     for heat in (rollout, cnn, tokens):
-        assert heat.shape == (2, 16, 16) and 0 <= float(heat.min()) and float(heat.max()) <= 1
+        assert heat.shape == (2, 16, 16) and float(heat.min()) >= 0 and float(heat.max()) <= 1
     paths = [interpret.save_overlays(tmp_path / "maps.png", images, {"rollout": rollout, "Grad-CAM": cnn,
                                                                      "token Grad-CAM": tokens}, titles=["a", "b"]),
              interpret.save_branch_attribution(tmp_path / "sub" / "branches.png", attribution, images,

@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 
 from hybrid_jax.analysis.flops import count_macs
-from hybrid_jax.layers import (Conv2d, ConvNormAct, DropPath, InvertedResidual, LayerScale, Mlp, PatchEmbed,
-                               SqueezeExcite, resample_pos_embed, torch_padding)
+from hybrid_jax.layers import (
+    Conv2d,
+    ConvNormAct,
+    DropPath,
+    InvertedResidual,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
+    SqueezeExcite,
+    resample_pos_embed,
+    torch_padding,
+)
 from hybrid_jax.layers.conv import depthwise_conv_by_shifts
 
 

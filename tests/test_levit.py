@@ -102,9 +102,9 @@ def tiny():
 def test_stem_and_stages_shrink_the_map(tiny):
     model, variables, x = tiny
     features = _apply(model, model.forward_features)(variables, x)
-    assert [features[k].shape for k in ("stem", "stage0", "stage1")] == [(2, 4, 4, 16), (2, 4, 4, 16), (2, 2, 2, 24)]
-    assert "stage2" not in features
-    np.testing.assert_allclose(features["pooled"], features["stage1"].mean((1, 2)), rtol=1e-6, atol=1e-6)
+    assert [features[k].shape for k in ("stem", "stage1", "stage2")] == [(2, 4, 4, 16), (2, 4, 4, 16), (2, 2, 2, 24)]
+    assert "stage3" not in features
+    np.testing.assert_allclose(features["pooled"], features["stage2"].mean((1, 2)), rtol=1e-6, atol=1e-6)
 
 
 def test_heads_average_and_separate_for_distillation(tiny):

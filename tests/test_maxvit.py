@@ -10,8 +10,14 @@ from hybrid_jax import create_model
 from hybrid_jax.analysis.flops import count_macs
 from hybrid_jax.layers import attention
 from hybrid_jax.layers.relpos import RelPosBias, from_key_minus_query_table, lookup_bias
-from hybrid_jax.models.maxxvit import (BlockConfig, PartitionAttention, grid_merge, grid_partition, window_merge,
-                                       window_partition)
+from hybrid_jax.models.maxxvit import (
+    BlockConfig,
+    PartitionAttention,
+    grid_merge,
+    grid_partition,
+    window_merge,
+    window_partition,
+)
 
 
 def random_variables(module, *args, seed=0, **kwargs):

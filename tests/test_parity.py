@@ -6,10 +6,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="parity tests need the parity extra: pip install -e '.[parity]'")
 timm = pytest.importorskip("timm")
 
-from parity import check_parity, randomize_norms_, tolerance, torch_logits  # noqa: E402
-
 from hybrid_jax import create_model  # noqa: E402
 from hybrid_jax.convert import ConversionError, convert_state_dict  # noqa: E402
+from parity import check_parity, randomize_norms_, tolerance, torch_logits  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

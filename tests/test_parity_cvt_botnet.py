@@ -74,7 +74,7 @@ def test_botnet50_matches_timm_byobnet_with_the_paper_layout():
     The conv stages are cut to one block each: at full depth float32 rounding alone grows past the tolerance
     (4e-4 on logits up to 7 after 13 conv blocks, the same in float64 is 6e-7, the float32 softmax inside attention).
     """
-    from timm.models.byobnet import ByoBlockCfg, ByoModelCfg, ByobNet
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
     blocks = tuple(ByoBlockCfg(type=kind, d=depth, c=width, s=stride, gs=0, br=0.25) for kind, depth, width, stride in (
         ("bottle", 1, 256, 1), ("bottle", 1, 512, 2), ("bottle", 1, 1024, 2), ("self_attn", 3, 2048, 2)))

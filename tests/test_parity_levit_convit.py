@@ -19,10 +19,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="parity tests need the parity extra: pip install -e '.[parity]'")
 timm = pytest.importorskip("timm")
 
-from parity import check_parity, randomize_norms_, tolerance, torch_logits  # noqa: E402
-
 from hybrid_jax import create_model  # noqa: E402
 from hybrid_jax.convert import ConversionError, convert_state_dict  # noqa: E402
+from parity import check_parity, randomize_norms_, tolerance, torch_logits  # noqa: E402
 
 LEVIT_HF_SIZES = {  # LevitConfig fields of each variant (the HF defaults are LeViT-128)
     "levit_128s": dict(hidden_sizes=[128, 256, 384], num_attention_heads=[4, 6, 8], depths=[2, 3, 4], key_dim=[16] * 3),

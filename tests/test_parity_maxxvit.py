@@ -11,11 +11,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="parity tests need the parity extra: pip install -e '.[parity]'")
 timm = pytest.importorskip("timm")
 
-from parity import check_parity  # noqa: E402
-
 from hybrid_jax import create_model, list_models  # noqa: E402
 from hybrid_jax.convert import convert_state_dict  # noqa: E402
 from hybrid_jax.layers.relpos import from_flat_table, resize_table  # noqa: E402
+from parity import check_parity  # noqa: E402
 
 
 def randomized(reference: "torch.nn.Module", seed: int = 0) -> "torch.nn.Module":

@@ -20,10 +20,9 @@ torch = pytest.importorskip("torch", reason="parity tests need the parity extra:
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-from parity import check_parity, randomize_norms_, tolerance, torch_logits  # noqa: E402
-
 from hybrid_jax import create_model  # noqa: E402
 from hybrid_jax.convert import convert_state_dict  # noqa: E402
+from parity import check_parity, randomize_norms_, tolerance, torch_logits  # noqa: E402
 
 # PyTorch's intra-op threads spin while they wait; on a busy 2-core CI machine (pytest -n 2) its default of one
 # thread per core made these small references 10-50x slower than one thread does (measured: 0.8 s vs 0.05 s for

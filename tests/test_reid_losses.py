@@ -1,14 +1,14 @@
 """Re-ID losses against brute-force numpy, and the BNNeck model that feeds them."""
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from hybrid_jax import create_model
-from hybrid_jax.reid.losses import (ReidLossConfig, batch_hard_triplet_loss, center_loss, identity_loss,
-                                    reid_loss)
+from hybrid_jax.reid.losses import ReidLossConfig, batch_hard_triplet_loss, center_loss, identity_loss, reid_loss
 from hybrid_jax.reid.model import ReidModel
 
 

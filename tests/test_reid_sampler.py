@@ -23,7 +23,7 @@ def test_every_batch_holds_k_images_of_p_identities():
         assert len(identities) == P and (counts == K).all()
         for identity in identities:
             drawn = batch[labels == identity]
-            if (LABELS == identity).sum() >= K:  # enough images: no repeats
+            if (identity == LABELS).sum() >= K:  # enough images: no repeats
                 assert len(set(drawn)) == K
 
 

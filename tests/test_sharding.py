@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hybrid_jax import create_model
 from hybrid_jax.parallel import DEFAULT_RULES, make_mesh, sharded_init

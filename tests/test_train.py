@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hybrid_jax import create_model, list_models, model_info
 from hybrid_jax.checkpoint import Checkpointer, CheckpointError, CheckpointMismatch
@@ -32,7 +33,6 @@ from hybrid_jax.train.loop import build_run, train_and_evaluate
 from hybrid_jax.train.optim import decay_mask, make_optimizer
 from hybrid_jax.train.state import create_train_state
 from hybrid_jax.train.step import classification_loss, train_step
-from jax.sharding import NamedSharding, PartitionSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "fashion_mnist.py")
@@ -48,9 +48,9 @@ def fmnist_dir(tmp_path_factory) -> str:
 
 def _config(data_dir: str, **overrides):
     config = default_config()
-    config.update(dict(model=model_config("test_resnet"), data_dir=data_dir, batch_size=32, eval_batch_size=1000, total_steps=20,
-                       warmup_steps=2, log_every=5, checkpoint_every=10, progress_bar=False, async_checkpoint=False,
-                       eval_split="test[:1000]"))
+    config.update(dict(model=model_config("test_resnet"), data_dir=data_dir, batch_size=32, eval_batch_size=1000,
+                       total_steps=20, warmup_steps=2, log_every=5, checkpoint_every=10, progress_bar=False,
+                       async_checkpoint=False, eval_split="test[:1000]"))
     if "model" in overrides:  # ConfigDict.update would merge the two models' fields
         config.model = overrides.pop("model")
     config.update(overrides)
@@ -106,8 +106,10 @@ def test_sharded_steps_equal_one_device(model_name, mesh_shape):
 
 
 @pytest.mark.parametrize("model_name, mesh_shape", [
-    ("parallel_hybrid_tiny", (2, 1, 4)), ("tccnet_tiny", (4, 2, 1)), ("conformer_tiny_32", (4, 2, 1)),
-    ("mobile_former_tiny_32", (2, 1, 4))])
+    ("parallel_hybrid_tiny", (2, 1, 4)), ("mobile_former_tiny_32", (2, 1, 4)),
+    # 100-160 s each on 2 cores, through the same fusion and sharding code as the two above: -m slow.
+    pytest.param("tccnet_tiny", (4, 2, 1), marks=pytest.mark.slow),
+    pytest.param("conformer_tiny_32", (4, 2, 1), marks=pytest.mark.slow)])
 def test_parallel_hybrids_train_on_a_mesh_like_on_one_device(model_name, mesh_shape):
     """Losses to 3e-5, parameters and batch statistics to 3e-4 + 1e-4 relative. Each step moves a weight
     by about lr * |grad| ~ 1e-2, so a wrong gradient shows at 1e-2, while reduction-order rounding
@@ -119,9 +121,13 @@ def test_parallel_hybrids_train_on_a_mesh_like_on_one_device(model_name, mesh_sh
 
 SERIAL_AND_HIERARCHICAL = [name for name in list_models("test_*")
                            if model_info(name).category in ("serial", "hierarchical")]
+# In the default run: one family of each kind of layer (convolution stages before attention, windowed and grid
+# attention, unfold-fold attention, a CNN backbone under a ViT); the other six under -m slow, for CI's time.
+MESH_DEFAULT = ("test_coatnet", "test_maxvit", "test_mobilevit", "test_vit_r50")
 
 
-@pytest.mark.parametrize("model_name", SERIAL_AND_HIERARCHICAL)
+@pytest.mark.parametrize("model_name", [
+    name if name in MESH_DEFAULT else pytest.param(name, marks=pytest.mark.slow) for name in SERIAL_AND_HIERARCHICAL])
 def test_serial_and_hierarchical_hybrids_train_on_a_mesh_like_on_one_device(model_name):
     """One small model per family, on a data x fsdp mesh or a data x tensor one, in turn (not all three axes > 1:
     see test_xla_three_axis_mesh_gradient_bug)."""
@@ -323,15 +329,16 @@ def test_cli_fine_tunes_timm_weights_with_a_new_head_then_scores_them_in_eval_mo
     """timm's ResNet-18 (random weights, BatchNorm statistics randomised) saved as a user would, fine-tuned with all
     but the new head frozen: the frozen weights end as they started, the checkpoint's converted values."""
     timm = pytest.importorskip("timm")
-    from parity import randomize_norms_
     from safetensors.torch import save_file
 
     from hybrid_jax.convert import convert_state_dict
+    from parity import randomize_norms_
 
     reference = randomize_norms_(timm.create_model("resnet18", num_classes=1000))
     weights = tmp_path / "resnet18.safetensors"
     save_file(reference.state_dict(), str(weights))
-    finetune = [sys.executable, "-m", "hybrid_jax.main", f"--config={ROOT / 'configs' / 'fashion_mnist_finetune.py'}:smoke",
+    finetune = [sys.executable, "-m", "hybrid_jax.main",
+                f"--config={ROOT / 'configs' / 'fashion_mnist_finetune.py'}:smoke",
                 f"--config.data_dir={fmnist_dir}", "--config.progress_bar=False"]
     result = subprocess.run([*finetune, f"--workdir={tmp_path / 'ft'}", f"--config.init_from={weights}",
                              "--config.freeze=('^(?!head/)',)", "--config.learning_rate=1e-2"],
@@ -511,8 +518,9 @@ def test_a_checkpoint_restores_onto_another_mesh(fmnist_dir, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), saved)
 
 
-@pytest.mark.parametrize("path, arg", [("fashion_mnist", ""), ("fashion_mnist", "smoke"), ("fashion_mnist_finetune", ""),
-                                       ("cifar10", ""), ("cifar10", "cifar100"), ("imagenet2012", "vit_base_r50_s16_224")])
+@pytest.mark.parametrize("path, arg", [
+    ("fashion_mnist", ""), ("fashion_mnist", "smoke"), ("fashion_mnist_finetune", ""), ("cifar10", ""),
+    ("cifar10", "cifar100"), ("imagenet2012", "vit_base_r50_s16_224")])
 def test_every_config_loads_and_names_a_registered_model(path, arg):
     import importlib.util
 

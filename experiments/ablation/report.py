@@ -1,36 +1,41 @@
-"""Tables, plots and the headline of an ablation sweep, from its per-run records.
+"""Tables and the finding of the study, from its per-run records.
 
-Light on purpose (csv, statistics, matplotlib; no JAX), so the notebook that draws the
-committed results starts in a second. Records are dicts, one per (model, train
-fraction, seed) run: see `RUN_FIELDS`. `aggregate` folds the seeds into mean and
-sample standard deviation per (model, fusion, train fraction).
+Light on purpose (csv, statistics, scipy; no JAX), so the notebook that draws the committed
+results starts in a second. A record is one run: a (budget, model, fusion, train fraction,
+seed) with its accuracies (see `run.run_one`). `aggregate` folds the seeds of each cell into
+mean, standard deviation and a 95% t interval; `comparisons` pairs models on shared seeds
+(experiments/ablation/stats.py) and `finding` writes each claim with its verdict.
 """
 
 import csv
-import io
 import json
 import math
 import statistics
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from matplotlib.figure import Figure
+from experiments.ablation import plots, stats
 
 PATTERN_ORDER = ("parallel", "serial", "hierarchical", "cnn", "vit")
 FUSION_ORDER = ("concat", "add", "gating", "cross_attention", "fcu", "bridge")
-CORRUPTION_LABELS = {"gaussian_noise": "noise", "blur": "blur", "contrast": "contrast"}
-RUN_FIELDS = ("name", "model", "pattern", "fusion", "train_fraction", "seed", "steps", "params", "gmacs",
-              "accuracy", "clean_accuracy", "gaussian_noise_accuracy", "blur_accuracy", "contrast_accuracy",
-              "shift_accuracy", "train_images_per_sec", "infer_images_per_sec", "wall_time_s")
-# accuracy: the whole test split (the training loop's figure); the others on the shift subset of it.
-METRICS = ("accuracy", "shift_accuracy", "clean_accuracy", "gaussian_noise_accuracy", "blur_accuracy",
-           "contrast_accuracy")
-CORRUPTION_METRICS = METRICS[3:]
-RESULT_FIELDS = ("model", "pattern", "fusion", "train_fraction", "params", "gmacs", "seeds",
-                 *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "train_images_per_sec",
-                 "infer_images_per_sec")
-_PATTERN_COLORS = {"parallel": "tab:blue", "serial": "tab:orange", "hierarchical": "tab:green", "cnn": "tab:red",
-                   "vit": "tab:purple"}
+CORRUPTIONS = ("gaussian_noise", "blur", "contrast")
+RUN_FIELDS = ("name", "model", "pattern", "fusion", "budget_gmacs", "train_fraction", "seed", "learning_rate", "steps",
+              "params", "gmacs", "accuracy", "train_accuracy", "clean_accuracy", "shift_accuracy",
+              *(f"{c}_accuracy" for c in CORRUPTIONS), *(f"severity{k}_accuracy" for k in (1, 2, 3)),
+              *(f"{c}_s{k}_accuracy" for k in (1, 2, 3) for c in CORRUPTIONS),
+              "train_images_per_sec", "infer_images_per_sec", "wall_time_s")
+SEARCH_FIELDS = ("name", "model", "pattern", "fusion", "budget_gmacs", "learning_rate", "steps", "params", "gmacs",
+                 "heldout_accuracy", "train_accuracy", "chosen", "wall_time_s")
+CURVE_FIELDS = ("name", "budget_gmacs", "train_fraction", "seed", "step", "loss", "accuracy")
+BRANCH_FIELDS = ("name", "model", "fusion", "budget_gmacs", "train_fraction", "seed", "head", "head_accuracy", "share")
+# Summarised per cell: the test accuracy (the loop's, whole split) first, then the shift subset's.
+METRICS = ("accuracy", "train_accuracy", "clean_accuracy", "shift_accuracy", *(f"{c}_accuracy" for c in CORRUPTIONS),
+           *(f"severity{k}_accuracy" for k in (1, 2, 3)))
+CELL = ("budget_gmacs", "model", "pattern", "fusion", "train_fraction")
+RESULT_FIELDS = (*CELL, "learning_rate", "params", "gmacs", "seeds",
+                 *(f"{m}_{s}" for m in METRICS for s in ("mean", "std", "ci")),
+                 "train_images_per_sec", "infer_images_per_sec")
 
 
 # --------------------------------------------------------------------------- #
@@ -62,34 +67,67 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
         return [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(f)]
 
 
-def _order(row: dict[str, Any]) -> tuple:
+def label(row: dict[str, Any]) -> str:
+    """'parallel_hybrid (gating)' or 'resnet'."""
+    return f"{row['model']} ({row['fusion']})" if row["fusion"] else row["model"]
+
+
+def order(row: dict[str, Any]) -> tuple:
+    """Budgets largest first, then pattern, fusion, model, data size largest first."""
     fusion = row["fusion"]
-    return (PATTERN_ORDER.index(row["pattern"]) if row["pattern"] in PATTERN_ORDER else 99,
-            FUSION_ORDER.index(fusion) if fusion in FUSION_ORDER else -1, row["model"], -float(row["train_fraction"]))
+    return (-float(row["budget_gmacs"]), PATTERN_ORDER.index(row["pattern"]) if row["pattern"] in PATTERN_ORDER else 99,
+            FUSION_ORDER.index(fusion) if fusion in FUSION_ORDER else -1, row["model"],
+            -float(row.get("train_fraction", 1.0)))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v == v]  # NaN-free
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _floats(runs: Sequence[dict[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) for r in runs if r.get(key) not in (None, "") and float(r[key]) == float(r[key])]
 
 
 def aggregate(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (model, fusion, train fraction): seed means and sample standard deviations."""
+    """One row per (budget, model, fusion, train fraction): seed mean, sample std and 95% interval per metric."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault((r["model"], r["pattern"], r["fusion"], float(r["train_fraction"])), []).append(r)
+        groups.setdefault(tuple(float(r[k]) if k in ("budget_gmacs", "train_fraction") else r[k] for k in CELL),
+                          []).append(r)
     rows = []
-    for (model, pattern, fusion, fraction), runs in groups.items():
-        row = {"model": model, "pattern": pattern, "fusion": fusion, "train_fraction": fraction,
-               "params": runs[0]["params"], "gmacs": runs[0]["gmacs"], "seeds": len(runs)}
+    for cell, runs in groups.items():
+        row = dict(zip(CELL, cell))
+        row.update(learning_rate=runs[0]["learning_rate"], params=runs[0]["params"], gmacs=runs[0]["gmacs"],
+                   seeds=len(runs))
         for metric in METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([float(r[metric]) for r in runs])
+            values = _floats(runs, metric)
+            row[f"{metric}_mean"] = statistics.fmean(values) if values else math.nan
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+            row[f"{metric}_ci"] = stats.interval(values)
         for speed in ("train_images_per_sec", "infer_images_per_sec"):
-            row[speed] = _mean_std([float(r[speed]) for r in runs if r.get(speed) not in (None, "")])[0]
+            values = _floats(runs, speed)
+            row[speed] = statistics.fmean(values) if values else math.nan
         rows.append(row)
-    return sorted(rows, key=_order)
+    return sorted(rows, key=order)
+
+
+def cells(rows: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
+    """The study's (budget, train fraction) cells present, main budget and all data first."""
+    return sorted({(float(r["budget_gmacs"]), float(r["train_fraction"])) for r in rows}, key=lambda c: (-c[1], -c[0]))
+
+
+def in_cell(rows: Sequence[dict[str, Any]], cell: tuple[float, float]) -> list[dict[str, Any]]:
+    return [r for r in rows if (float(r["budget_gmacs"]), float(r["train_fraction"])) == cell]
+
+
+def cell_label(cell: tuple[float, float]) -> str:
+    return f"{cell[0]:g} GMACs, {100 * cell[1]:g}% data"
+
+
+def per_seed(records: Sequence[dict[str, Any]], cell: tuple[float, float], metric: str = "accuracy"
+             ) -> dict[str, dict[int, float]]:
+    """{model label: {seed: metric}} of one cell's runs."""
+    table: dict[str, dict[int, float]] = {}
+    for r in records:
+        if (float(r["budget_gmacs"]), float(r["train_fraction"])) == cell and r.get(metric) not in (None, ""):
+            table.setdefault(label(r), {})[int(r["seed"])] = float(r[metric])
+    return table
 
 
 # --------------------------------------------------------------------------- #
@@ -97,235 +135,262 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- #
 
 
-def _pct(mean: float, std: float) -> str:
-    return "-" if mean != mean else f"{100 * mean:.2f} ± {100 * std:.2f}"
+def pct(row: dict[str, Any], metric: str = "accuracy", interval: bool = True) -> str:
+    """'91.23 ± 0.21 [±0.52]': mean ± std over seeds, and the 95% interval's half-width (percent)."""
+    mean, std, ci = row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_ci"]
+    if mean != mean:
+        return "-"
+    text = f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std == std else "")
+    return text + (f" [±{100 * ci:.2f}]" if interval and ci == ci else "")
 
 
-def _fraction_label(fraction: float) -> str:
-    return f"{100 * fraction:g}%"
-
-
-def fractions(rows: Sequence[dict[str, Any]]) -> list[float]:
-    """The sweep's train fractions, largest first."""
-    return sorted({float(r["train_fraction"]) for r in rows}, reverse=True)
-
-
-def _by_model(rows: Sequence[dict[str, Any]]) -> dict[tuple, dict[float, dict[str, Any]]]:
-    table: dict[tuple, dict[float, dict[str, Any]]] = {}
+def headline_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Models down, (budget, data size) cells across: test accuracy, mean ± std [95% interval] over seeds (%)."""
+    columns = cells(rows)
+    by_model: dict[tuple, dict[tuple, dict[str, Any]]] = {}
     for r in rows:
-        table.setdefault((r["model"], r["pattern"], r["fusion"]), {})[float(r["train_fraction"])] = r
-    return table
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Models down, data sizes side by side: clean and shifted accuracy (mean ± std over seeds, %), speed."""
-    fracs = fractions(rows)
-    head = ["model", "pattern", "fusion", "params", "GMACs", "seeds",
-            *(f"accuracy, {_fraction_label(f)} data" for f in fracs),
-            *(f"shifted accuracy, {_fraction_label(f)} data" for f in fracs), "train img/s", "infer img/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
-    for (model, pattern, fusion), by_fraction in _by_model(rows).items():
-        first = by_fraction[max(by_fraction)]
-        cells = [model, pattern, fusion or "-", f"{int(first['params']):,}", f"{float(first['gmacs']):.4f}",
-                 "/".join(str(by_fraction[f]["seeds"]) for f in fracs if f in by_fraction)]
-        for metric in ("accuracy", "shift_accuracy"):
-            cells += [_pct(by_fraction[f][f"{metric}_mean"], by_fraction[f][f"{metric}_std"]) if f in by_fraction
-                      else "-" for f in fracs]
-        cells += [f"{float(first['train_images_per_sec']):,.0f}", f"{float(first['infer_images_per_sec']):,.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        by_model.setdefault((r["pattern"], r["fusion"], r["model"]), {})[
+            (float(r["budget_gmacs"]), float(r["train_fraction"]))] = r
+    head = ["pattern", "fusion", "model", *(cell_label(c) for c in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * len(columns)]
+    for (pattern, fusion, model), found in sorted(by_model.items(), key=lambda kv: order(next(iter(kv[1].values())))):
+        lines.append("| " + " | ".join([pattern, fusion or "-", model,
+                                        *(pct(found[c]) + f" ({found[c]['seeds']})" if c in found else "-"
+                                          for c in columns)]) + " |")
     return "\n".join(lines)
 
 
-def corruption_table(rows: Sequence[dict[str, Any]], fraction: float | None = None) -> str:
-    """Accuracy per corruption (%) beside the clean accuracy of the same images, at one train fraction."""
-    fraction = max(fractions(rows)) if fraction is None else fraction
-    names = [m.removesuffix("_accuracy") for m in CORRUPTION_METRICS]
-    head = ["model", "fusion", "clean", *(CORRUPTION_LABELS.get(n, n) for n in names), "mean shifted", "drop"]
+def detail_table(rows: Sequence[dict[str, Any]], cell: tuple[float, float]) -> str:
+    """One cell's models: size, learning rate, train and test accuracy, shift, speed."""
+    head = ["model", "pattern", "params", "GMACs", "lr", "seeds", "train acc.", "test acc.", "shifted acc.",
+            "train img/s", "infer img/s"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
-    for r in rows:
-        if float(r["train_fraction"]) != fraction:
-            continue
-        drop = r["clean_accuracy_mean"] - r["shift_accuracy_mean"]
-        lines.append("| " + " | ".join([r["model"], r["fusion"] or "-",
-                                        _pct(r["clean_accuracy_mean"], r["clean_accuracy_std"]),
-                                        *(_pct(r[f"{n}_accuracy_mean"], r[f"{n}_accuracy_std"]) for n in names),
-                                        _pct(r["shift_accuracy_mean"], r["shift_accuracy_std"]),
-                                        f"{100 * drop:.2f}"]) + " |")
+    for r in in_cell(rows, cell):
+        lines.append("| " + " | ".join([label(r), r["pattern"], f"{int(r['params']):,}", f"{float(r['gmacs']):.4f}",
+                                        f"{float(r['learning_rate']):g}", str(r["seeds"]),
+                                        pct(r, "train_accuracy", False), pct(r), pct(r, "shift_accuracy"),
+                                        f"{float(r['train_images_per_sec']):,.0f}",
+                                        f"{float(r['infer_images_per_sec']):,.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def corruption_table(rows: Sequence[dict[str, Any]], cell: tuple[float, float]) -> str:
+    """Accuracy per corruption and per severity (averaged over the other), beside the clean accuracy (%)."""
+    head = ["model", "clean", *CORRUPTIONS, *(f"severity {k}" for k in (1, 2, 3)), "mean shifted"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in in_cell(rows, cell):
+        lines.append("| " + " | ".join([label(r), pct(r, "clean_accuracy", False),
+                                        *(pct(r, f"{c}_accuracy", False) for c in CORRUPTIONS),
+                                        *(pct(r, f"severity{k}_accuracy", False) for k in (1, 2, 3)),
+                                        pct(r, "shift_accuracy")]) + " |")
+    return "\n".join(lines)
+
+
+def search_table(search: Sequence[dict[str, Any]], grid: Sequence[float] | None = None) -> str:
+    """The learning-rate search: held-out accuracy per model and rate of the grid (default: the rates found), the
+    chosen rate in bold; a rate not run yet is '-'."""
+    rates = sorted(grid or {float(r["learning_rate"]) for r in search})
+    by_model: dict[str, dict[float, dict[str, Any]]] = {}
+    for r in sorted(search, key=order):
+        by_model.setdefault(label(r), {})[float(r["learning_rate"])] = r
+    lines = ["| model | " + " | ".join(f"lr {rate:g}" for rate in rates) + " | chosen |",
+             "|---|" + "---:|" * (len(rates) + 1)]
+    for name, found in by_model.items():
+        best = max(found.values(), key=lambda r: r["heldout_accuracy"])
+        edge = " (edge of the grid)" if len(rates) > 1 and float(best["learning_rate"]) in (rates[0], rates[-1]) else ""
+        cells_ = [(f"**{100 * found[rate]['heldout_accuracy']:.2f}**" if found[rate] is best
+                   else f"{100 * found[rate]['heldout_accuracy']:.2f}") if rate in found else "-" for rate in rates]
+        lines.append(f"| {name} | " + " | ".join(cells_) + f" | {float(best['learning_rate']):g}{edge} |")
+    return "\n".join(lines)
+
+
+def branch_summary(branches: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (budget, fusion, data size, head): mean over seeds of the head's accuracy alone and its share."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in branches:
+        groups.setdefault((float(r["budget_gmacs"]), r["fusion"], float(r["train_fraction"]), r["head"]), []).append(r)
+    out = []
+    for (budget, fusion, fraction, head), runs in groups.items():
+        accuracy, share = _floats(runs, "head_accuracy"), _floats(runs, "share")
+        out.append({"budget_gmacs": budget, "fusion": fusion, "train_fraction": fraction, "head": head,
+                    "seeds": len(runs), "accuracy_mean": statistics.fmean(accuracy),
+                    "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else math.nan,
+                    "accuracy_ci": stats.interval(accuracy),
+                    "share_mean": statistics.fmean(share) if share else math.nan})
+    return sorted(out, key=lambda r: (-r["budget_gmacs"], -r["train_fraction"],
+                                      FUSION_ORDER.index(r["fusion"]) if r["fusion"] in FUSION_ORDER else 99,
+                                      r["head"]))
+
+
+def branch_table(branches: Sequence[dict[str, Any]]) -> str:
+    """Per fusion: each head's accuracy alone, the model's (the heads' mean), and each branch's share (%)."""
+    summary = branch_summary(branches)
+    heads = sorted({r["head"] for r in summary} - {"mean"}) + ["mean"]
+    by_fusion: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in summary:
+        by_fusion.setdefault((r["budget_gmacs"], r["train_fraction"], r["fusion"]), {})[r["head"]] = r
+    head = ["cell", "fusion", *(f"{h} head alone" if h != "mean" else "both (model)" for h in heads),
+            *(f"{h} share" for h in heads if h != "mean")]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for (budget, fraction, fusion), found in by_fusion.items():
+        lines.append("| " + " | ".join([cell_label((budget, fraction)), fusion,
+                                        *(pct(found[h], interval=False) if h in found else "-" for h in heads),
+                                        *(f"{100 * found[h]['share_mean']:.1f}" if h in found else "-"
+                                          for h in heads if h != "mean")]) + " |")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- #
-# Plots
+# Comparisons and the finding
 # --------------------------------------------------------------------------- #
 
 
-def _label(row: dict[str, Any]) -> str:
-    return f"{row['model']} ({row['fusion']})" if row["fusion"] else row["model"]
-
-
-def plot_accuracy_vs(rows: Sequence[dict[str, Any]], x: str = "gmacs", budget: float | None = None,
-                     tolerance: float = 0.05) -> Figure:
-    """Accuracy (mean ± std over seeds) against GMACs or params, one colour per pattern, one marker per data size."""
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax = fig.subplots()
-    markers = dict(zip(fractions(rows), ("o", "^", "s", "D")))
-    if x == "gmacs" and budget:
-        ax.axvspan(budget * (1 - tolerance), budget * (1 + tolerance), color="0.92", label=f"budget ±{tolerance:.0%}")
-    seen = set()
+def _best_by(rows: Sequence[dict[str, Any]], key: str, metric: str = "accuracy") -> dict[str, dict[str, Any]]:
+    best: dict[str, dict[str, Any]] = {}
     for r in rows:
-        fraction = float(r["train_fraction"])
-        key = (r["pattern"], fraction)
-        ax.errorbar(float(r[x]), 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"], fmt=markers[fraction],
-                    color=_PATTERN_COLORS.get(r["pattern"], "k"), capsize=3, mfc="white" if fraction < 1 else None,
-                    label=None if key in seen else f"{r['pattern']}, {_fraction_label(fraction)} data")
-        seen.add(key)
-        if r["fusion"]:
-            ax.annotate(r["fusion"], (float(r[x]), 100 * r["accuracy_mean"]), fontsize=7, xytext=(4, 2),
-                        textcoords="offset points")
-    if x == "params":
-        ax.set_xscale("log")
-    ax.set_xlabel({"gmacs": "GMACs per image", "params": "parameters"}[x])
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Fashion-MNIST accuracy vs {'multiply-adds' if x == 'gmacs' else 'parameters'} "
-                 f"(mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    return fig
+        if r[key] not in best or r[f"{metric}_mean"] > best[r[key]][f"{metric}_mean"]:
+            best[r[key]] = r
+    return best
 
 
-def plot_fusions(rows: Sequence[dict[str, Any]]) -> Figure:
-    """The parallel pattern's fusions: clean accuracy per data size and shifted accuracy, with seed std bars."""
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
-    ax = fig.subplots()
-    parallel = [r for r in rows if r["pattern"] == "parallel"]
-    names = [f for f in FUSION_ORDER if any(r["fusion"] == f for r in parallel)]
-    names += sorted({r["fusion"] for r in parallel} - set(names))
-    series = [(f"clean, {_fraction_label(f)} data", f, "accuracy") for f in fractions(parallel)]
-    series.append((f"shifted, {_fraction_label(max(fractions(parallel) or [1.0]))} data",
-                   max(fractions(parallel) or [1.0]), "shift_accuracy"))
-    width = 0.8 / len(series)
-    for i, (label, fraction, metric) in enumerate(series):
-        found = {r["fusion"]: r for r in parallel if float(r["train_fraction"]) == fraction}
-        means = [100 * found[n][f"{metric}_mean"] if n in found else math.nan for n in names]
-        stds = [100 * found[n][f"{metric}_std"] if n in found else 0.0 for n in names]
-        ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(names))], means, width, yerr=stds,
-               capsize=3, label=label)
-    ax.set_xticks(range(len(names)), names)
-    finite = [100 * r[m] for r in parallel for m in ("accuracy_mean", "shift_accuracy_mean") if r[m] == r[m]]
-    if finite:
-        ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
-    else:
-        ax.text(0.5, 0.5, "no parallel runs in this sweep", ha="center", transform=ax.transAxes)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Parallel hybrid: fusion modules at matched GMACs (mean ± std over seeds)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig
+def against_best(records: Sequence[dict[str, Any]], candidates: Sequence[dict[str, Any]],
+                 cell: tuple[float, float], metric: str = "accuracy") -> list[stats.Comparison]:
+    """The most accurate candidate (by mean) against each other one, paired on seeds, Holm-corrected."""
+    if len(candidates) < 2:
+        return []
+    seeds = per_seed(records, cell, metric)
+    ranked = sorted(candidates, key=lambda r: -r[f"{metric}_mean"])
+    best = label(ranked[0])
+    return stats.holm([stats.paired(best, label(r), seeds.get(best, {}), seeds.get(label(r), {}))
+                       for r in ranked[1:]])
 
 
-def plot_robustness(rows: Sequence[dict[str, Any]], fraction: float | None = None) -> Figure:
-    """Per model: clean accuracy beside each corruption's, at one data size."""
-    fraction = max(fractions(rows)) if fraction is None else fraction
-    chosen = [r for r in rows if float(r["train_fraction"]) == fraction]
-    fig = Figure(figsize=(max(7.5, 0.75 * len(chosen) + 2), 4.2), layout="constrained")
-    ax = fig.subplots()
-    series = [("clean", "clean_accuracy")] + [(CORRUPTION_LABELS[m.removesuffix("_accuracy")], m)
-                                              for m in CORRUPTION_METRICS]
-    width = 0.8 / len(series)
-    for i, (label, metric) in enumerate(series):
-        ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(chosen))],
-               [100 * r[f"{metric}_mean"] for r in chosen], width, yerr=[100 * r[f"{metric}_std"] for r in chosen],
-               capsize=2, label=label)
-    ax.set_xticks(range(len(chosen)), [_label(r) for r in chosen], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Domain shift: corrupted Fashion-MNIST test set ({_fraction_label(fraction)} training data)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=4)
-    return fig
+def comparison_table(comparisons: Sequence[stats.Comparison]) -> str:
+    lines = ["| better | than | difference (points) | 95% interval | p | Holm p | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for c in comparisons:
+        lines.append(f"| {c.first} | {c.second} | {100 * c.difference:+.2f} | ±{100 * c.half_width:.2f} | "
+                     f"{c.p_value:.2g} | {c.p_adjusted:.2g} | "
+                     f"{'significant' if c.significant else 'not significant'} |")
+    return "\n".join(lines)
 
 
-def png(fig: Figure) -> bytes:
-    """The figure as PNG bytes (for notebooks: IPython.display.Image(png(fig)))."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+def _claim_against(comparisons: Sequence[stats.Comparison]) -> str:
+    """'significantly above X and Y; not separable from Z (p=...)'."""
+    def cite(c: stats.Comparison) -> str:
+        return f"{c.second} ({c.difference * 100:+.2f} points, p={c.p_adjusted:.2g})"
+
+    above = [cite(c) for c in comparisons if c.significant]
+    level = [cite(c) for c in comparisons if not c.significant]
+    parts = []
+    if above:
+        parts.append(f"significantly above {', '.join(above)}")
+    if level:
+        parts.append(f"not significantly different from {', '.join(level)}")
+    return "; ".join(parts) if parts else "with nothing to compare"
 
 
-# --------------------------------------------------------------------------- #
-# The finding
-# --------------------------------------------------------------------------- #
-
-
-def load(results_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(per-model rows, sweep settings) of a results directory `write_results` filled."""
-    results_dir = Path(results_dir)
-    return read_csv(results_dir / "results.csv"), json.loads((results_dir / "sweep.json").read_text())
-
-
-def finding(rows: Sequence[dict[str, Any]], budget: float | None = None) -> str:
-    """A few sentences on what the numbers say: the ranking, the fusion spread against seed noise, data and shift."""
+def finding(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]] | None = None,
+            branches: Sequence[dict[str, Any]] = ()) -> str:
+    """The study's claims in a few paragraphs, each marked significant or not (paired t-tests on shared seeds,
+    Holm-corrected per family, 5%)."""
     if not rows:
         return "No finished runs yet."
-    fracs = fractions(rows)
-    full = [r for r in rows if float(r["train_fraction"]) == fracs[0]]
-    ranked = sorted(full, key=lambda r: -r["accuracy_mean"])
-    noise = statistics.fmean([r["accuracy_std"] for r in full])
-    seeds = min(int(r["seeds"]) for r in full)
-
-    def acc(r: dict[str, Any], metric: str = "accuracy") -> str:
-        return f"{100 * r[metric + '_mean']:.2f} ± {100 * r[metric + '_std']:.2f}%"
-
-    best, worst = ranked[0], ranked[-1]
-    budget_text = f"at {budget:g} GMACs" if budget else "at matched GMACs"
-    text = [f"With every model {budget_text} and {_fraction_label(fracs[0])} of the training set, "
-            f"{_label(best)} ({best['pattern']}) is most accurate ({acc(best)}, {seeds}+ seeds) and "
-            f"{_label(worst)} ({worst['pattern']}) least ({acc(worst)}); the seed standard deviation averages "
-            f"{100 * noise:.2f} points, so gaps below about {200 * noise:.2f} points are within noise."]
-    per_pattern = {}
-    for r in ranked:
-        per_pattern.setdefault(r["pattern"], r)
-    order = " > ".join(f"{p} {100 * r['accuracy_mean']:.2f}" for p, r in per_pattern.items())
-    text.append(f"Best per pattern: {order}.")
-    fusions = [r for r in full if r["pattern"] == "parallel"]
-    if len(fusions) > 1:
-        f_best = max(fusions, key=lambda r: r["accuracy_mean"])
-        f_worst = min(fusions, key=lambda r: r["accuracy_mean"])
-        spread = f_best["accuracy_mean"] - f_worst["accuracy_mean"]
-        verdict = "more than" if spread > 2 * noise else "within"
-        text.append(f"Among the parallel hybrid's fusions {f_best['fusion']} leads ({acc(f_best)}) and "
-                    f"{f_worst['fusion']} trails ({acc(f_worst)}): a {100 * spread:.2f}-point spread, "
-                    f"{verdict} twice the seed noise.")
-    if len(fracs) > 1:
-        small = {(r["model"], r["fusion"]): r for r in rows if float(r["train_fraction"]) == fracs[-1]}
-        drops = sorted(((r["accuracy_mean"] - small[(r["model"], r["fusion"])]["accuracy_mean"], r) for r in full
-                        if (r["model"], r["fusion"]) in small), key=lambda d: d[0])
+    records = records or []
+    present = cells(rows)
+    main = present[0]
+    text = []
+    for cell in [c for c in present if c[1] == main[1]]:
+        chosen = in_cell(rows, cell)
+        best_per_pattern = _best_by(chosen, "pattern")
+        ranking = sorted(best_per_pattern.values(), key=lambda r: -r["accuracy_mean"])
+        order_text = " > ".join(f"{r['pattern']} {pct(r, interval=False)}" for r in ranking)
+        seeds = min(int(r["seeds"]) for r in chosen)
+        text.append(f"**{cell_label(cell)}** ({seeds}+ seeds). Best model per pattern: {order_text}.")
+        if records and len(ranking) > 1:
+            text.append(f"The best, {label(ranking[0])}, is "
+                        f"{_claim_against(against_best(records, ranking, cell))}.")
+        fusions = [r for r in chosen if r["pattern"] == "parallel"]
+        if records and len(fusions) > 1:
+            ranked = sorted(fusions, key=lambda r: -r["accuracy_mean"])
+            spread = ranked[0]["accuracy_mean"] - ranked[-1]["accuracy_mean"]
+            text.append(f"Fusions: {ranked[0]['fusion']} leads ({pct(ranked[0], interval=False)}), "
+                        f"{ranked[-1]['fusion']} trails ({pct(ranked[-1], interval=False)}), a "
+                        f"{100 * spread:.2f}-point spread; {ranked[0]['fusion']} is "
+                        f"{_claim_against(against_best(records, ranked, cell))}.")
+    budgets = sorted({c[0] for c in present if c[1] == main[1]}, reverse=True)
+    if len(budgets) > 1:
+        big = {label(r): r["accuracy_mean"] for r in in_cell(rows, (budgets[0], main[1]))}
+        small = {label(r): r["accuracy_mean"] for r in in_cell(rows, (budgets[-1], main[1]))}
+        rho, p, n = stats.rank_correlation(big, small)
+        gains = sorted((big[k] - small[k], k) for k in set(big) & set(small))
+        if gains:
+            ranking = (f"; the ranking of the {n} models at the two budgets correlates at Spearman rho={rho:.2f} "
+                       f"(p={p:.2g})" if rho == rho else "")
+            text.append(f"Compute: from {budgets[-1]:g} to {budgets[0]:g} GMACs every model's accuracy changes by "
+                        f"{100 * gains[0][0]:+.2f} ({gains[0][1]}) to {100 * gains[-1][0]:+.2f} ({gains[-1][1]}) "
+                        f"points{ranking}.")
+    smaller = [c for c in present if c[0] == main[0] and c[1] < main[1]]
+    for cell in smaller:
+        few = {label(r): r for r in in_cell(rows, cell)}
+        full = {label(r): r for r in in_cell(rows, main)}
+        drops = sorted((full[k]["accuracy_mean"] - few[k]["accuracy_mean"], k) for k in set(few) & set(full))
         if drops:
-            small_best = max(small.values(), key=lambda r: r["accuracy_mean"])
-            text.append(f"With {_fraction_label(fracs[-1])} of the data (same number of steps) {_label(small_best)} "
-                        f"leads ({acc(small_best)}); {_label(drops[0][1])} loses least "
-                        f"({100 * drops[0][0]:.2f} points) and {_label(drops[-1][1])} most "
-                        f"({100 * drops[-1][0]:.2f}).")
-    robust = sorted(full, key=lambda r: -r["shift_accuracy_mean"])
-    if robust and robust[0]["shift_accuracy_mean"] == robust[0]["shift_accuracy_mean"]:
-        drop = lambda r: 100 * (r["clean_accuracy_mean"] - r["shift_accuracy_mean"])
-        gaps = sorted(full, key=drop)
-        text.append(f"On the corrupted test images (noise, blur, contrast) {_label(robust[0])} is most accurate "
-                    f"({acc(robust[0], 'shift_accuracy')}); {_label(gaps[0])} loses least to the shift "
-                    f"({drop(gaps[0]):.2f} points) and {_label(gaps[-1])} most ({drop(gaps[-1]):.2f}).")
-    return " ".join(text)
+            text.append(f"Data: with {100 * cell[1]:g}% of the training set (same steps) the models lose "
+                        f"{100 * drops[0][0]:.2f} ({drops[0][1]}) to {100 * drops[-1][0]:.2f} ({drops[-1][1]}) "
+                        f"points.")
+            if records and len(drops) > 1:
+                full_seeds, few_seeds = per_seed(records, main), per_seed(records, cell)
+                loss = {k: {s: full_seeds[k][s] - few_seeds[k][s] for s in set(full_seeds.get(k, {}))
+                            & set(few_seeds.get(k, {}))} for _, k in drops}
+                c = stats.paired(drops[-1][1], drops[0][1], loss[drops[-1][1]], loss[drops[0][1]])
+                text.append(f"The largest loss against the smallest: {c.verdict()}.")
+    chosen = in_cell(rows, main)
+    if records and any(r["shift_accuracy_mean"] == r["shift_accuracy_mean"] for r in chosen):
+        robust = sorted(chosen, key=lambda r: -r["shift_accuracy_mean"])
+        drop = {label(r): r["clean_accuracy_mean"] - r["shift_accuracy_mean"] for r in chosen}
+        least, most = min(drop, key=drop.get), max(drop, key=drop.get)
+        text.append(f"Shift ({cell_label(main)}; noise, blur and contrast at three severities): "
+                    f"{label(robust[0])} is most accurate on the corrupted images "
+                    f"({pct(robust[0], 'shift_accuracy')}), "
+                    f"{_claim_against(against_best(records, robust, main, 'shift_accuracy'))}. "
+                    f"{least} loses least to the shift ({100 * drop[least]:.2f} points) and {most} most "
+                    f"({100 * drop[most]:.2f}).")
+    summary = [r for r in branch_summary(branches) if (r["budget_gmacs"], r["train_fraction"]) == main
+               and r["head"] != "mean"]
+    if summary:
+        by_fusion: dict[str, dict[str, dict[str, Any]]] = {}
+        for r in summary:
+            by_fusion.setdefault(r["fusion"], {})[r["head"]] = r
+        parts = []
+        for fusion, heads in by_fusion.items():
+            top = max(heads.values(), key=lambda r: r["share_mean"])
+            parts.append(f"{fusion} {top['head']} {100 * top['share_mean']:.0f}%")
+        text.append(f"Branches ({cell_label(main)}): the larger share of the predicted logit (gradient x input at "
+                    f"the heads) per fusion: {', '.join(parts)}.")
+    return "\n\n".join(text)
 
 
 # --------------------------------------------------------------------------- #
 # Everything at once
 # --------------------------------------------------------------------------- #
 
-PLOTS = ("accuracy_vs_gmacs.png", "accuracy_vs_params.png", "fusion_bars.png", "robustness.png")
+
+def load(results_dir: str | Path) -> dict[str, Any]:
+    """A results directory `write_results` filled: {"rows", "records", "search", "curves", "branches", "settings"}."""
+    results_dir = Path(results_dir)
+    read = lambda name: read_csv(results_dir / name) if (results_dir / name).exists() else []  # noqa: E731
+    return {"rows": read("results.csv"), "records": read("runs.csv"), "search": read("lr_search.csv"),
+            "curves": read("curves.csv"), "branches": read("attribution.csv"),
+            "settings": json.loads((results_dir / "sweep.json").read_text())}
 
 
-def write_results(records: Sequence[dict[str, Any]], results_dir: str | Path, *, budget: float,
-                  tolerance: float, solver_table: str = "", notes: str = "",
+def write_results(records: Sequence[dict[str, Any]], results_dir: str | Path, *, search: Sequence[dict[str, Any]],
+                  curves: Sequence[dict[str, Any]] = (), branches: Sequence[dict[str, Any]] = (), tolerance: float,
+                  solver_table: str = "", notes: str = "",
                   settings: dict[str, Any] | None = None) -> dict[str, Path]:
-    """runs.csv (per seed), results.csv and results.md (per model), sweep.json, finding.md and the plots.
+    """runs.csv, lr_search.csv, curves.csv, attribution.csv, results.csv, results.md, finding.md, sweep.json and the
+    plots.
 
     Returns:
       The written files by name.
@@ -333,26 +398,40 @@ def write_results(records: Sequence[dict[str, Any]], results_dir: str | Path, *,
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records)
-    paths = {name: results_dir / name for name in ("runs.csv", "results.csv", "results.md", "finding.md", "sweep.json",
-                                                    *PLOTS)}
-    paths["sweep.json"].write_text(json.dumps({"budget_gmacs": budget, "tolerance": tolerance, "notes": notes,
-                                               **(settings or {})}, indent=2) + "\n")
-    write_csv(sorted(records, key=lambda r: (_order(r), r["seed"])), paths["runs.csv"], RUN_FIELDS)
+    chosen = {(r["name"], float(r["learning_rate"])) for r in records}
+    search = [{**r, "chosen": (r["name"], float(r["learning_rate"])) in chosen} for r in search]
+    names = ("runs.csv", "lr_search.csv", "curves.csv", "attribution.csv", "results.csv", "results.md", "finding.md",
+             "sweep.json")
+    paths = {name: results_dir / name for name in names}
+    paths["sweep.json"].write_text(json.dumps({"tolerance": tolerance, "notes": notes, **(settings or {})},
+                                              indent=2) + "\n")
+    write_csv(sorted(records, key=lambda r: (order(r), r["seed"])), paths["runs.csv"], RUN_FIELDS)
+    write_csv(sorted(search, key=lambda r: (order(r), r["learning_rate"])),
+              paths["lr_search.csv"], SEARCH_FIELDS)
+    write_csv(curves, paths["curves.csv"], CURVE_FIELDS)
+    write_csv(branches, paths["attribution.csv"], BRANCH_FIELDS)
     write_csv(rows, paths["results.csv"], RESULT_FIELDS)
-    headline = finding(rows, budget)
+    headline = finding(rows, records, branches)
     paths["finding.md"].write_text(headline + "\n")
-    paths["results.md"].write_text("\n\n".join(part for part in [
-        f"# Matched-compute ablation: {budget:g} GMACs per image (every model within {tolerance:.0%})",
-        notes,
-        "## Accuracy (mean ± std over seeds, %), clean and under shift, by training-set size",
-        markdown_table(rows),
-        f"## Accuracy per corruption, {_fraction_label(max(fractions(rows)))} training data",
-        corruption_table(rows),
-        "## Solved widths and depths", solver_table,
-        "## Finding", headline] if part) + "\n")
-    figures = {"accuracy_vs_gmacs.png": plot_accuracy_vs(rows, "gmacs", budget, tolerance),
-               "accuracy_vs_params.png": plot_accuracy_vs(rows, "params"),
-               "fusion_bars.png": plot_fusions(rows), "robustness.png": plot_robustness(rows)}
-    for name, fig in figures.items():
+    sections = ["# Hybrid CNN + ViT patterns and fusions at matched compute", notes,
+                "## Test accuracy (mean ± std over seeds [95% interval], %; seeds in brackets)",
+                headline_table(rows) if rows else "No finished runs yet.",
+                "## Learning rates (held-out accuracy, %)",
+                search_table(search, (settings or {}).get("lr_search", {}).get("learning_rates")) if search else ""]
+    for cell in cells(rows):
+        comparisons = against_best(records, in_cell(rows, cell), cell)
+        sections += [f"## {cell_label(cell)}", detail_table(rows, cell),
+                     "Paired against the most accurate model (same seeds; Holm-corrected within the cell):",
+                     comparison_table(comparisons) if comparisons else ""]
+    if rows:
+        sections += [f"## Accuracy per corruption and severity, {cell_label(cells(rows)[0])}",
+                     corruption_table(rows, cells(rows)[0])]
+    if branches:
+        sections += ["## Branches of the parallel hybrids (head ablation and gradient x input share, mean over seeds)",
+                     branch_table(branches)]
+    sections += ["## Solved widths and depths", solver_table, "## Finding", headline]
+    paths["results.md"].write_text("\n\n".join(part for part in sections if part) + "\n")
+    for name, fig in plots.all_figures(rows, search, curves, branch_summary(branches)).items():
+        paths[name] = results_dir / name
         fig.savefig(paths[name], dpi=110)
     return paths

@@ -16,17 +16,19 @@ python -m experiments.ablation.run --config experiments/ablation/config.py --wor
 SIGTERM stops the current run after a checkpoint; rerunning the same command carries on.
 """
 
+import dataclasses
 import json
 import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from experiments.ablation import report, shift, solver
+from experiments.ablation import attribution, report, shift, solver
 from hybrid_jax.data import pipeline
 from hybrid_jax.runtime import compilation_cache
 from hybrid_jax.train.config import model_config
@@ -39,64 +41,126 @@ class SweepInterrupted(RuntimeError):
     """A run stopped before its last step (SIGTERM); rerunning the sweep resumes it."""
 
 
-def run_directory(workdir: Path, solution: solver.Solution, fraction: float, seed: int) -> Path:
-    """{workdir}/data{percent}/{model}_{fusion}_seed{k}."""
-    return Path(workdir) / f"data{100 * fraction:g}" / f"{solution.name}_seed{seed}"
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One training run of the study: a solved model at a budget, a train fraction, a seed and a learning rate.
+
+    `search` marks a learning-rate search run: trained on the first 90% of the training split, scored on the rest.
+    """
+
+    solution: solver.Solution
+    fraction: float
+    seed: int
+    learning_rate: float
+    search: bool = False
+
+    def directory(self, workdir: Path) -> Path:
+        """{workdir}/lr_search/{model}_{fusion}_lr{rate}, or
+        {workdir}/gmacs{budget}/data{percent}/{model}_{fusion}_seed{k}."""
+        if self.search:
+            return Path(workdir) / "lr_search" / f"{self.solution.name}_lr{self.learning_rate:g}"
+        return (Path(workdir) / f"gmacs{self.solution.budget_gmacs:g}" / f"data{100 * self.fraction:g}"
+                / f"{self.solution.name}_seed{self.seed}")
 
 
-def run_config(config: ml_collections.ConfigDict, solution: solver.Solution, *, seed: int, fraction: float,
-               total_steps: int) -> ml_collections.ConfigDict:
-    """The training config of one run: the sweep's recipe with this model, seed and train fraction."""
+def holdout_splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """(train, held-out) tfds splits of the learning-rate search: the training split's first and last part."""
+    keep = round(100 * (1 - config.lr_search.holdout))
+    split = config.train.train_split
+    return f"{split}[:{keep}%]", f"{split}[{keep}%:]"
+
+
+def run_config(config: ml_collections.ConfigDict, job: Job, total_steps: int) -> ml_collections.ConfigDict:
+    """The training config of one run: the study's recipe with this model, seed, fraction and learning rate."""
     c = ml_collections.ConfigDict(config.train.to_dict())
-    c.model = model_config(solution.model, **solution.overrides)
-    c.seed = seed
-    c.train_fraction = fraction
+    c.model = model_config(job.solution.model, **job.solution.overrides)
+    c.seed = job.seed
+    c.train_fraction = job.fraction
+    c.learning_rate = job.learning_rate
     c.total_steps = total_steps
+    if job.search:
+        c.train_split, c.eval_split = holdout_splits(config)
     return c
 
 
-def total_steps(config: ml_collections.ConfigDict) -> int:
-    """Steps of every run when `same_steps` (the full training set's count at num_epochs), else 0 (per run)."""
+def total_steps(config: ml_collections.ConfigDict, *, search: bool = False) -> int:
+    """Steps of every run when `same_steps`: the full training set's count at num_epochs (the search's epochs for a
+    search run), else 0 (each run counts its own)."""
     t = config.train
-    if not config.same_steps or t.total_steps:
+    epochs = config.lr_search.num_epochs if search else t.num_epochs
+    if not config.same_steps or t.total_steps and not (search and epochs):
         return t.total_steps
-    spec = pipeline.describe(t.dataset, t.train_split, t.data_dir or None)
-    return int(math.ceil(t.num_epochs * max(spec.num_examples // t.batch_size, 1)))
+    split = holdout_splits(config)[0] if search else t.train_split
+    spec = pipeline.describe(t.dataset, split, t.data_dir or None)
+    return int(math.ceil(epochs * max(spec.num_examples // t.batch_size, 1)))
 
 
-def _severity(config: ml_collections.ConfigDict) -> dict[str, float]:
-    return dict(noise_std=config.shift.noise_std, blur_sigma=config.shift.blur_sigma, contrast=config.shift.contrast)
+def _train_metrics(directory: Path) -> list[dict[str, Any]]:
+    """The run's logged training records (window means over augmented batches), oldest first."""
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("split") == "train"]
 
 
-def run_one(config: ml_collections.ConfigDict, solution: solver.Solution, *, seed: int, fraction: float, steps: int,
-            workdir: Path) -> tuple[dict[str, Any], bool]:
-    """Trains (or resumes, or skips) one run and scores it under shift; returns (its record, whether it trained).
+def _final_train_accuracy(directory: Path) -> float | None:
+    """The last logged training accuracy of a run: has it plateaued?"""
+    train = _train_metrics(directory)
+    return train[-1].get("accuracy") if train else None
+
+
+def training_curve(job: Job, workdir: Path) -> list[dict[str, Any]]:
+    """The run's training loss and accuracy by step, as rows of curves.csv."""
+    return [{"name": job.solution.name, "budget_gmacs": job.solution.budget_gmacs, "train_fraction": job.fraction,
+             "seed": job.seed, "step": r["step"], "loss": r.get("loss"), "accuracy": r.get("accuracy")}
+            for r in _train_metrics(job.directory(workdir))]
+
+
+def _train(config: ml_collections.ConfigDict, job: Job, steps: int, workdir: Path) -> tuple[dict[str, Any], bool]:
+    """(summary, whether it trained now): trains, resumes or reads a finished run.
 
     Raises:
       SweepInterrupted: the run was stopped by SIGTERM before its last step.
     """
-    directory = run_directory(workdir, solution, fraction, seed)
-    summary_path, shift_path = directory / "summary.json", directory / "shift.json"
-    trained = not summary_path.exists()
-    if trained:
-        summary = train_and_evaluate(run_config(config, solution, seed=seed, fraction=fraction, total_steps=steps),
-                                     directory)
-        if not summary.get("finished"):
-            raise SweepInterrupted(f"{directory} stopped at step {summary.get('step')}; rerun the sweep to resume")
-    else:
-        summary = json.loads(summary_path.read_text())
+    directory = job.directory(workdir)
+    summary_path = directory / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text()), False
+    summary = train_and_evaluate(run_config(config, job, steps), directory)
+    if not summary.get("finished"):
+        raise SweepInterrupted(f"{directory} stopped at step {summary.get('step')}; rerun the sweep to resume")
+    return summary, True
+
+
+def _solution_fields(job: Job) -> dict[str, Any]:
+    s = job.solution
+    return {"name": s.name, "model": s.label, "pattern": s.pattern, "fusion": s.fusion or "",
+            "budget_gmacs": s.budget_gmacs, "params": s.params, "gmacs": s.gmacs, "learning_rate": job.learning_rate}
+
+
+def search_one(config: ml_collections.ConfigDict, job: Job, steps: int, workdir: Path) -> tuple[dict[str, Any], bool]:
+    """Trains (or reads) one learning-rate search run; returns (its record, whether it trained)."""
+    summary, trained = _train(config, job, steps, workdir)
+    return {**_solution_fields(job), "steps": summary["steps"], "heldout_accuracy": summary["test_accuracy"],
+            "train_accuracy": _final_train_accuracy(job.directory(workdir)),
+            "wall_time_s": summary.get("wall_time_s")}, trained
+
+
+def run_one(config: ml_collections.ConfigDict, job: Job, steps: int, workdir: Path) -> tuple[dict[str, Any], bool]:
+    """Trains (or resumes, or reads) one run and scores it under shift; returns (its record, whether it trained)."""
+    summary, trained = _train(config, job, steps, workdir)
+    directory = job.directory(workdir)
+    shift_path = directory / "shift.json"
     shifted = json.loads(shift_path.read_text()) if shift_path.exists() else None
     settings = json.loads(json.dumps(config.shift.to_dict()))
     if shifted is None or shifted.get("settings") != settings or shifted.get("step") != summary["steps"]:
         shifted = shift.evaluate_run(directory, config.shift)
         shift_path.write_text(json.dumps(shifted, indent=2))
-    record = {"name": solution.name, "model": solution.label, "pattern": solution.pattern,
-              "fusion": solution.fusion or "", "train_fraction": fraction, "seed": seed, "steps": summary["steps"],
-              "params": solution.params, "gmacs": solution.gmacs, "accuracy": summary["test_accuracy"],
-              "clean_accuracy": shifted["clean_accuracy"], "shift_accuracy": shifted["shift_accuracy"],
+    record = {**_solution_fields(job), "train_fraction": job.fraction, "seed": job.seed, "steps": summary["steps"],
+              "accuracy": summary["test_accuracy"], "train_accuracy": _final_train_accuracy(directory),
               "train_images_per_sec": summary.get("train_images_per_sec"),
-              "infer_images_per_sec": shifted["infer_images_per_sec"], "wall_time_s": summary.get("wall_time_s")}
-    record.update({f"{name}_accuracy": shifted[f"{name}_accuracy"] for name in config.shift.corruptions})
+              "infer_images_per_sec": shifted["infer_images_per_sec"], "wall_time_s": summary.get("wall_time_s"),
+              **{k: v for k, v in shifted.items() if k.endswith("_accuracy")}}
     return record, trained
 
 
@@ -110,45 +174,124 @@ def _input_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int
 
 
 def solve(config: ml_collections.ConfigDict) -> list[solver.Solution]:
-    """Every model of the sweep at the budget (fails if one cannot come within the tolerance)."""
+    """Every model of the study at every budget (fails if one cannot come within the tolerance)."""
     shape, num_classes = _input_shape(config)
-    return solver.solve_all(config.budget_gmacs, tuple(config.patterns), tuple(config.fusions), image_size=shape[0],
-                            channels=shape[2], num_classes=num_classes, tolerance=config.tolerance)
+    return [s for budget in config.budgets
+            for s in solver.solve_all(budget, tuple(config.patterns), tuple(config.fusions), image_size=shape[0],
+                                      channels=shape[2], num_classes=num_classes, tolerance=config.tolerance)]
 
 
 def budget_text(config: ml_collections.ConfigDict) -> str:
-    """One line naming the budget and the input it is counted on."""
+    """One line naming the budgets and the input they are counted on."""
     shape, num_classes = _input_shape(config)
-    return (f"GMACs budget: {config.budget_gmacs:g} per {shape[0]}x{shape[1]}x{shape[2]} image "
-            f"({num_classes} classes), every model within {config.tolerance:.0%}")
+    budgets = " and ".join(f"{b:g}" for b in config.budgets)
+    return (f"GMACs budgets: {budgets} per {shape[0]}x{shape[1]}x{shape[2]} image ({num_classes} classes), "
+            f"every model within {config.tolerance:.0%}")
 
 
-def notes(config: ml_collections.ConfigDict, steps: int) -> str:
-    """The sweep's settings in a paragraph, for the head of results.md."""
-    t, shift_config = config.train, config.shift
-    severity = ", ".join(f"{k}={v}" for k, v in _severity(config).items())
+def notes(config: ml_collections.ConfigDict, steps: int, search_steps: int) -> str:
+    """The study's settings in a paragraph, for the head of results.md."""
+    t, shift_config, lr = config.train, config.shift, config.lr_search
+    severity = ", ".join(f"{k}={tuple(v)}" for k, v in _severities(config).items())
     subset = f"the first {shift_config.num_examples} images" if shift_config.num_examples else "all"
+    train, heldout = holdout_splits(config)
     return (f"{budget_text(config)}. {t.dataset} resized to {tuple(t.resize) or 'its stored size'}, "
             f"{steps or 'num_epochs of'} steps of batch {t.batch_size} per run"
             f"{' (every training-set size trains for the same number of steps)' if config.same_steps else ''}, "
-            f"AdamW at {t.learning_rate:g}, seeds {tuple(config.seeds)}. Accuracy: the whole {t.eval_split} split. "
-            f"Shift: {subset} of it, corrupted by {', '.join(shift_config.corruptions)} ({severity}), averaged; "
-            f"'clean' in the corruption table is the same images uncorrupted. img/s: steady training throughput "
-            f"at batch {t.batch_size} and inference throughput at batch {t.eval_batch_size}, on this machine "
-            f"(sensitive to other load).")
+            f"AdamW with each model's learning rate from {tuple(lr.learning_rates)}, chosen by accuracy on "
+            f"{heldout} after {search_steps} steps on {train} (seed {lr.seed}, at {config.budgets[0]:g} GMACs; the "
+            f"other budgets reuse it); seeds {tuple(config.seeds)}. Accuracy: the whole {t.eval_split} split. "
+            f"Shift: {subset} of it, corrupted by {', '.join(shift_config.corruptions)} at severities 1-3 "
+            f"({severity}); 'clean' is the same images uncorrupted. img/s: steady training throughput at batch "
+            f"{t.batch_size} and inference throughput at batch {t.eval_batch_size}, on this machine (sensitive "
+            f"to other load).")
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path,
-              results_dir: str | Path | None = None) -> dict[str, Any]:
-    """Solves, trains (resuming or skipping), scores and reports the whole sweep.
+def _severities(config: ml_collections.ConfigDict) -> dict[str, tuple[float, ...]]:
+    return dict(noise_std=config.shift.noise_std, blur_sigma=config.shift.blur_sigma, contrast=config.shift.contrast)
+
+
+def choose_learning_rates(search: list[dict[str, Any]]) -> dict[str, float]:
+    """Each model's learning rate (by solution name) with the best held-out accuracy."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in search:
+        if r["name"] not in best or r["heldout_accuracy"] > best[r["name"]]["heldout_accuracy"]:
+            best[r["name"]] = r
+    return {name: r["learning_rate"] for name, r in best.items()}
+
+
+def search_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Solution]) -> list[Job]:
+    """The learning-rate search: every model at the main budget, every candidate rate, one seed."""
+    main = config.budgets[0]
+    return [Job(s, 1.0, config.lr_search.seed, rate, search=True) for s in solutions if s.budget_gmacs == main
+            for rate in config.lr_search.learning_rates]
+
+
+def study_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Solution],
+               rates: dict[str, float]) -> list[Job]:
+    """The study's runs, in the order that makes a stopped part most useful: the main budget on all the data,
+    the other budgets, then the smaller training sets; seed by seed within each."""
+    main, *others = config.budgets
+    full, *smaller = config.train_fractions
+    cells = [(main, full), *((b, full) for b in others), *((main, f) for f in smaller)]
+    jobs = []
+    for budget, fraction in cells:
+        for seed in config.seeds:
+            for s in solutions:
+                small_data_skip = fraction != full and s.fusion and s.fusion not in config.small_data_fusions
+                if s.budget_gmacs == budget and not small_data_skip:
+                    jobs.append(Job(s, fraction, seed, rates[s.name]))
+    return jobs
+
+
+def _execute(jobs: list[Job], do: Callable[[Job], tuple[dict[str, Any], bool]], *, workdir: Path,
+             deadline: float) -> tuple[list[tuple[Job, dict[str, Any]]], list[str], int]:
+    """Runs `do` on each job until the deadline (time.monotonic()); finished runs are still read after it.
 
     Returns:
-      {"records": one dict per run, "trained": names of the runs trained now, "skipped": those already
-      finished, "solutions": the solved models, "paths": the written result files}.
+      ((job, record) of each finished run, names trained now, how many jobs were left unstarted).
+    """
+    done, trained, left_out = [], [], 0
+    start = time.perf_counter()
+    for i, job in enumerate(jobs):
+        directory = job.directory(workdir)
+        name = str(directory.relative_to(workdir))
+        if time.monotonic() > deadline and not (directory / "summary.json").exists():
+            left_out += 1
+            continue
+        began = time.perf_counter()
+        try:
+            record, ran = do(job)
+        except TrainingDiverged as error:  # one bad run must not end a study; it stays out of the tables
+            print(f"[{i + 1}/{len(jobs)}] {name}: left out, {error}", flush=True)
+            continue
+        done.append((job, record))
+        if ran:
+            trained.append(name)
+        accuracy = record.get("accuracy", record.get("heldout_accuracy"))
+        elapsed = time.perf_counter() - start
+        print(f"[{i + 1}/{len(jobs)}] {name}: accuracy {100 * accuracy:.2f}%, "
+              f"{'trained in' if ran else 'finished before; read in'} {time.perf_counter() - began:.0f} s "
+              f"(this part {elapsed / 60:.1f} min)", flush=True)
+    return done, trained, left_out
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, results_dir: str | Path | None = None, *,
+              max_hours: float | None = None) -> dict[str, Any]:
+    """Solves, searches learning rates, trains (resuming or skipping), scores and reports the study.
+
+    Args:
+      max_hours: start no new run after this long; the next call of the same command carries on.
+
+    Returns:
+      {"records": one dict per finished study run, "search": one per search run, "rates": the chosen learning
+      rates, "trained": the runs trained now, "unstarted": runs left for the next part, "solutions": the solved
+      models, "paths": the written result files}.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     results_dir = Path(results_dir or config.results_dir)
+    deadline = time.monotonic() + 3600 * max_hours if max_hours else math.inf
     print(budget_text(config), flush=True)
     solutions = solve(config)
     table = solver.solutions_table(solutions)
@@ -157,38 +300,42 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path,
         {"name": s.name, "pattern": s.pattern, "fusion": s.fusion, "model": s.model, "overrides": s.overrides,
          "params": s.params, "gmacs": s.gmacs, "budget_gmacs": s.budget_gmacs, "error": s.error} for s in solutions],
         indent=2, default=list))
-    steps = total_steps(config)
-    plan = [(seed, fraction, s) for seed in config.seeds for fraction in config.train_fractions for s in solutions]
-    records, trained, skipped = [], [], []
-    start = time.perf_counter()
+    steps, search_steps = total_steps(config), total_steps(config, search=True)
     cache = workdir / "jax_cache" if config.compilation_cache else None
     with compilation_cache(cache):
-        for i, (seed, fraction, solution) in enumerate(plan):
-            began = time.perf_counter()
-            name = str(run_directory(workdir, solution, fraction, seed).relative_to(workdir))
-            try:
-                record, ran = run_one(config, solution, seed=seed, fraction=fraction, steps=steps, workdir=workdir)
-            except TrainingDiverged as error:  # one bad run must not end an hour's sweep; it stays out of the tables
-                print(f"[{i + 1}/{len(plan)}] {name}: left out, {error}", flush=True)
-                continue
-            records.append(record)
-            (trained if ran else skipped).append(name)
-            elapsed = time.perf_counter() - start
-            left = len(plan) - i - 1
-            eta = f", about {elapsed / len(trained) * left / 60:.0f} min left" if trained and left else ""
-            print(f"[{i + 1}/{len(plan)}] {name}: accuracy {100 * record['accuracy']:.2f}%, shifted "
-                  f"{100 * record['shift_accuracy']:.2f}%, {'trained in' if ran else 'finished before; scored in'} "
-                  f"{time.perf_counter() - began:.0f} s (sweep {elapsed / 60:.1f} min{eta})", flush=True)
-    rows = report.aggregate(records)
-    paths = report.write_results(records, results_dir, budget=config.budget_gmacs, tolerance=config.tolerance,
-                                 solver_table=table, notes=notes(config, steps),
-                                 settings={"steps": steps, "seeds": list(config.seeds),
+        jobs = search_jobs(config, solutions)
+        searched, trained, unstarted = _execute(jobs, lambda job: search_one(config, job, search_steps, workdir),
+                                                workdir=workdir, deadline=deadline)
+        search = [record for _, record in searched]
+        rates = choose_learning_rates(search)
+        done = []
+        if not unstarted and len(search) == len(jobs):
+            jobs = study_jobs(config, solutions, rates)
+            done, trained_now, unstarted = _execute(jobs, lambda job: run_one(config, job, steps, workdir),
+                                                    workdir=workdir, deadline=deadline)
+            trained += trained_now
+        else:
+            unstarted += len(study_jobs(config, solutions, {s.name: 0.0 for s in solutions}))
+        records = [record for _, record in done]
+        curves = [row for job, _ in done for row in training_curve(job, workdir)]
+        branches = [row for job, record in done if job.solution.pattern == "parallel"
+                    for row in attribution.rows(record, attribution.cached_attribution(
+                        job.directory(workdir), config.shift, record["steps"]))]
+    paths = report.write_results(records, results_dir, search=search, curves=curves, branches=branches,
+                                 tolerance=config.tolerance, solver_table=table,
+                                 notes=notes(config, steps, search_steps),
+                                 settings={"steps": steps, "search_steps": search_steps, "seeds": list(config.seeds),
+                                           "budgets": list(config.budgets),
                                            "train_fractions": list(config.train_fractions),
-                                           "image_shape": list(_input_shape(config)[0]), "train": config.train.to_dict(),
+                                           "image_shape": list(_input_shape(config)[0]),
+                                           "train": config.train.to_dict(), "lr_search": config.lr_search.to_dict(),
                                            "shift": config.shift.to_dict(), "budget": budget_text(config)})
-    print(f"\n{report.markdown_table(rows)}\n\n{report.finding(rows, config.budget_gmacs)}" if rows else "no runs")
+    print(f"\n{report.finding(report.aggregate(records), records)}" if records else "no study runs finished yet")
+    if unstarted:
+        print(f"\n{unstarted} runs left for the next part: rerun the same command to carry on.")
     print(f"\nresults in {results_dir}: {', '.join(sorted(p.name for p in paths.values()))}")
-    return {"records": records, "trained": trained, "skipped": skipped, "solutions": solutions, "paths": paths}
+    return {"records": records, "search": search, "rates": rates, "trained": trained, "unstarted": unstarted,
+            "solutions": solutions, "paths": paths}
 
 
 def main(argv: list[str]) -> None:
@@ -203,7 +350,7 @@ def main(argv: list[str]) -> None:
         print(solver.solutions_table(solve(config)))
         return
     try:
-        run_sweep(config, _WORKDIR.value, _RESULTS_DIR.value)
+        run_sweep(config, _WORKDIR.value, _RESULTS_DIR.value, max_hours=_MAX_HOURS.value)
     except (SweepInterrupted, solver.SolverError) as error:
         sys.exit(f"error: {error}")
 
@@ -217,6 +364,8 @@ if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/ablation/config.py[:tiny]")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the runs; rerunning resumes and skips.")
     _RESULTS_DIR = flags.DEFINE_string("results_dir", None, "Where tables and plots go (default: config.results_dir).")
+    _MAX_HOURS = flags.DEFINE_float("max_hours", None, "Start no new run after this many hours (a part of the "
+                                    "study); the same command carries on.")
     _SOLVE_ONLY = flags.DEFINE_bool("solve_only", False, "Print the budget and the solved models, then stop.")
     flags.mark_flags_as_required(["config", "workdir"])
     configure_process()

@@ -1,22 +1,23 @@
 """The domain-shift axis: corrupted copies of a test split, and a trained checkpoint evaluated on arrays.
 
 Corruptions follow ImageNet-C's definitions (Hendrycks & Dietterich, arXiv 1903.12261)
-at one fixed severity each, applied to the stored uint8 test images before any
-resize, and are deterministic: the noise comes from a seeded numpy generator, blur
-and contrast have no randomness at all. Nothing is written to disk; a few MB of
-arrays are built in memory once per sweep.
+at a few severities each (the sweep config lists one strength per level), applied to
+the stored uint8 test images before any resize, and are deterministic: the noise comes
+from a seeded numpy generator, blur and contrast have no randomness at all. Nothing is
+written to disk; a few MB of arrays are built in memory once per sweep.
 
-`evaluate_run` rebuilds a finished run's model from its `config.json`, restores the
-newest checkpoint's parameters and batch statistics (orbax, no train state or
-optimizer needed) and scores them with the training package's own `eval_step`, so the
+`load_run` rebuilds a finished run's model from its `config.json` and restores the
+newest checkpoint's parameters and batch statistics (orbax, no train state or optimizer
+needed); `evaluate_run` scores them with the training package's own `eval_step`, so the
 clean accuracy it measures equals the one the training loop reported.
 """
 
 import functools
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,24 +79,40 @@ def load_split(dataset: str, split: str, data_dir: str | None) -> tuple[np.ndarr
     return images, np.asarray([r["label"] for r in records], np.int32)
 
 
+def _levels(shift: Any) -> list[dict[str, float]]:
+    """One {noise_std, blur_sigma, contrast} dict per severity level, from the config's per-level tuples."""
+    strengths = dict(noise_std=shift.noise_std, blur_sigma=shift.blur_sigma, contrast=shift.contrast)
+    counts = {len(v) for v in strengths.values()}
+    if len(counts) != 1:
+        raise ValueError(f"shift.noise_std, blur_sigma and contrast need one value per severity level each; got "
+                         f"{strengths}")
+    return [{k: float(v[i]) for k, v in strengths.items()} for i in range(counts.pop())]
+
+
+def set_name(corruption: str, level: int) -> str:
+    """The key of one corrupted copy: gaussian_noise_s2 is Gaussian noise at severity level 2 (of 1..N)."""
+    return f"{corruption}_s{level}"
+
+
 @functools.lru_cache(maxsize=4)
 def _shifted_sets(dataset: str, split: str, data_dir: str | None, num_examples: int, corruptions: tuple[str, ...],
-                  severity: tuple[tuple[str, float], ...], seed: int,
+                  levels: tuple[tuple[tuple[str, float], ...], ...], seed: int,
                   size: tuple[int, int] | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     images, labels = load_split(dataset, split, data_dir)
     images, labels = images[:num_examples or None], labels[:num_examples or None]
-    sets = {"clean": images, **{name: corrupt(images, name, severity=dict(severity), seed=seed)
-                                for name in corruptions}}
+    sets = {"clean": images}
+    for level, severity in enumerate(levels, start=1):
+        sets.update({set_name(name, level): corrupt(images, name, severity=dict(severity), seed=seed)
+                     for name in corruptions})
     return {name: resize(x, size) for name, x in sets.items()}, labels
 
 
 def shifted_sets(train_config: Any, shift: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """{"clean": images, corruption: images, ...} and labels: the first `shift.num_examples` of the run's eval
-    split (all of it for 0), at the model's input size."""
-    severity = tuple(sorted(dict(noise_std=shift.noise_std, blur_sigma=shift.blur_sigma,
-                                 contrast=shift.contrast).items()))
+    """{"clean": images, "gaussian_noise_s1": images, ...} and labels: the first `shift.num_examples` of the run's
+    eval split (all of it for 0), corrupted at every severity level, at the model's input size."""
+    levels = tuple(tuple(sorted(level.items())) for level in _levels(shift))
     return _shifted_sets(train_config.dataset, train_config.eval_split, train_config.data_dir or None,
-                         int(shift.num_examples), tuple(shift.corruptions), severity, int(shift.seed),
+                         int(shift.num_examples), tuple(shift.corruptions), levels, int(shift.seed),
                          tuple(train_config.resize) or None)
 
 
@@ -126,13 +143,19 @@ def evaluate_arrays(model, variables: dict[str, Any], augment: AugmentConfig, im
             "images_per_sec": timed / seconds if timed and seconds > 0 else float("nan")}
 
 
-def evaluate_run(workdir: str | Path, shift: Any) -> dict[str, Any]:
-    """Clean and corrupted accuracies of the run in `workdir` on the shift subset, as written to its shift.json.
+class TrainedRun(NamedTuple):
+    """A finished run, rebuilt: its config, model, newest step and variables, and eval normalisation."""
 
-    Args:
-      workdir: a run directory holding config.json and checkpoints/.
-      shift: the sweep's `shift` config (corruptions, their severities, seed, num_examples).
-    """
+    config: Any
+    model: Any
+    step: int
+    variables: dict[str, Any]
+    augment: AugmentConfig
+
+
+def load_run(workdir: str | Path) -> TrainedRun:
+    """Rebuilds the run in `workdir` from its config.json and newest checkpoint (parameters and batch statistics
+    only; no train state or optimizer)."""
     import ml_collections
 
     workdir = Path(workdir)
@@ -142,16 +165,32 @@ def evaluate_run(workdir: str | Path, shift: Any) -> dict[str, Any]:
         step, variables = checkpointer.restore_variables()
     finally:
         checkpointer.close()
-    sets, labels = shifted_sets(config, shift)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     num_classes = pipeline.describe(config.dataset, config.train_split, config.data_dir or None).num_classes
     model = build_model(config.model, num_classes=num_classes, dtype=dtype)
     augment = AugmentConfig(mean=tuple(config.augment.mean), std=tuple(config.augment.std))
-    results = {name: evaluate_arrays(model, variables, augment, images, labels, config.eval_batch_size)
+    return TrainedRun(config, model, step, variables, augment)
+
+
+def evaluate_run(workdir: str | Path, shift: Any) -> dict[str, Any]:
+    """Clean and corrupted accuracies of the run in `workdir` on the shift subset, as written to its shift.json.
+
+    Args:
+      workdir: a run directory holding config.json and checkpoints/.
+      shift: the sweep's `shift` config (corruptions, their severities, seed, num_examples).
+    """
+    run = load_run(workdir)
+    sets, labels = shifted_sets(run.config, shift)
+    results = {name: evaluate_arrays(run.model, run.variables, run.augment, images, labels, run.config.eval_batch_size)
                for name, images in sets.items()}
-    corrupted = [results[name]["accuracy"] for name in shift.corruptions]
-    return {"step": step, "clean_accuracy": results["clean"]["accuracy"],
-            **{f"{name}_accuracy": results[name]["accuracy"] for name in shift.corruptions},
-            "shift_accuracy": float(np.mean(corrupted)) if corrupted else float("nan"),
+    levels = range(1, len(_levels(shift)) + 1)
+    accuracy = {name: r["accuracy"] for name, r in results.items()}
+    by_corruption = {f"{c}_accuracy": float(np.mean([accuracy[set_name(c, k)] for k in levels]))
+                     for c in shift.corruptions}
+    by_level = {f"severity{k}_accuracy": float(np.mean([accuracy[set_name(c, k)] for c in shift.corruptions]))
+                for k in levels}
+    return {"step": run.step, "clean_accuracy": accuracy["clean"], **by_corruption, **by_level,
+            **{f"{name}_accuracy": a for name, a in accuracy.items() if name != "clean"},
+            "shift_accuracy": float(np.mean(list(by_corruption.values()))) if by_corruption else float("nan"),
             "infer_images_per_sec": results["clean"]["images_per_sec"],
             "num_examples": len(labels), "settings": json.loads(json.dumps(shift.to_dict()))}

@@ -26,7 +26,8 @@ jaxpr, so solving needs no compilation.
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from hybrid_jax import create_model
 from hybrid_jax.analysis.flops import measure
@@ -185,19 +186,21 @@ def solve(pattern: str, budget_gmacs: float, *, fusion: str | None = None, image
     if (pattern == "parallel") != (fusion is not None):
         raise ValueError(f"a fusion is named for the parallel pattern only (pattern={pattern!r}, fusion={fusion!r})")
     template = TEMPLATES[pattern]
+
+    def at(depth: int, scale: float, fine: float = 1.0) -> Solution:
+        overrides = template.build(scale, depth, image_size=image_size, fusion=fusion, fine=fine)
+        params, gmacs = cost(template.model, overrides, image_size, channels, num_classes)
+        return Solution(pattern, fusion, template.model, template.label, overrides, scale, fine, depth, params,
+                        gmacs, budget_gmacs)
+
     best = None
     for depth in template.depths:
-        def at(scale: float, fine: float = 1.0) -> Solution:
-            overrides = template.build(scale, depth, image_size=image_size, fusion=fusion, fine=fine)
-            params, gmacs = cost(template.model, overrides, image_size, channels, num_classes)
-            return Solution(pattern, fusion, template.model, template.label, overrides, scale, fine, depth, params,
-                            gmacs, budget_gmacs)
-
-        candidates = _search(at, budget_gmacs, bounds=(1e-2, 1e2))
+        candidates = _search(functools.partial(at, depth), budget_gmacs, bounds=(1e-2, 1e2))
         for coarse in list(candidates):
             if min(abs(c.error) for c in candidates) <= min(GOOD_ENOUGH, tolerance):
                 break
-            candidates += _search(lambda fine: at(coarse.scale, fine), budget_gmacs, bounds=template.fine_bounds)
+            candidates += _search(functools.partial(at, depth, coarse.scale), budget_gmacs,
+                                  bounds=template.fine_bounds)
         best = min([best, *candidates] if best else candidates, key=lambda c: abs(c.error))
         if abs(best.error) <= tolerance:
             return best

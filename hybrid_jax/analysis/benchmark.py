@@ -31,8 +31,9 @@ import os
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -215,6 +216,16 @@ def _train_step(model: nn.Module, size: int, batch: int, peak: float | None, ste
     return compile_s, batch / seconds, _planned_bytes(compiled), mfu
 
 
+def _inference(model: nn.Module, images: jax.Array, steps: int) -> tuple[int, float, float, float, Any]:
+    """(params, GMACs per image, compile s, median s per step, compiled forward) of `model`'s inference on `images`."""
+    variables = jax.jit(lambda x: nn.meta.unbox(model.init(jax.random.key(0), x[:1], train=False)))(images)
+    forward = lambda v, x: model.apply(v, x.astype(model.dtype), train=False)
+    compiled, compile_s = _timed_compile(forward, variables, images)
+    seconds = _median_seconds(lambda: compiled(variables, images), steps)
+    params = sum(x.size for x in jax.tree.leaves(variables["params"]))
+    return params, count_macs(forward, variables, images[:1]) / 1e9, compile_s, seconds, compiled
+
+
 def benchmark(name: str, *, batch: int = 32, impls: tuple[str, ...] = ("xla",), dtype: str = "float32",
               steps: int = 5, train: bool = False, peak_tflops: float | None = None,
               torch: bool | Callable[[nn.Module], Any] = False) -> list[Result]:
@@ -237,13 +248,7 @@ def benchmark(name: str, *, batch: int = 32, impls: tuple[str, ...] = ("xla",), 
         host_images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
         # cuDNN attention cannot run on the CPU, where PyTorch runs.
         pair = _torch_pair(name, model, None if torch is True else torch) if torch and impl != "cudnn" else None
-        images = jnp.asarray(host_images)
-        variables = jax.jit(lambda x: nn.meta.unbox(model.init(jax.random.key(0), x[:1], train=False)))(images)
-        forward = lambda v, x: model.apply(v, x.astype(model.dtype), train=False)
-        compiled, compile_s = _timed_compile(forward, variables, images)
-        seconds = _median_seconds(lambda: compiled(variables, images), steps)
-        params = sum(x.size for x in jax.tree.leaves(variables["params"]))
-        gmacs = count_macs(forward, variables, images[:1]) / 1e9
+        params, gmacs, compile_s, seconds, compiled = _inference(model, jnp.asarray(host_images), steps)
         result = Result(name, impl, batch, dtype, params, gmacs, entry.paper and entry.paper.params_m,
                         entry.paper and entry.paper.gmacs, compile_s, batch / seconds, _planned_bytes(compiled),
                         _flops(compiled) / seconds / peak if peak else None)
@@ -266,8 +271,8 @@ def _cell(value, fmt: str) -> str:
 def markdown_table(results: list[Result]) -> str:
     """The results as a markdown table; PyTorch columns appear when any result has them."""
     with_torch = any(r.torch_img_s is not None for r in results)
-    header = ("| model | category | attn | params | paper M | GMACs | paper GMACs | compile s | infer img/s | infer GiB | "
-              "infer MFU | train compile s | train img/s | train GiB | train MFU |")
+    header = ("| model | category | attn | params | paper M | GMACs | paper GMACs | compile s | infer img/s | "
+              "infer GiB | infer MFU | train compile s | train img/s | train GiB | train MFU |")
     if with_torch:
         header += " CPU img/s | PyTorch CPU img/s | ours/PyTorch | max abs diff |"
     rows = [header, "|---|---|---|" + "---:|" * (16 if with_torch else 12)]

@@ -14,7 +14,8 @@ Two counts, because they answer different questions:
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -33,8 +33,9 @@ import collections
 import dataclasses
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.layers.attention import ATTENTION_WEIGHTS
+from hybrid_jax.layers.model import BranchClassifier
 
 Array = jax.Array
 
@@ -290,7 +292,7 @@ def _target_logit(logits: Array, target: Array | int | None) -> tuple[Array, Arr
 def _heads_method(model: nn.Module, head: str | None) -> tuple[str | None, Callable[[Any], Array]]:
     if head is None:
         return None, lambda out: out
-    if not hasattr(model, "branch_logits"):
+    if not isinstance(model, BranchClassifier):
         raise ValueError(f"head={head!r} needs a model with branch_logits; {type(model).__name__} has one head")
     return "branch_logits", lambda out: out[head]
 
@@ -388,7 +390,7 @@ def branch_attribution(model: nn.Module, variables: Any, images: Array, *, targe
         0 is plain gradient x input; for normalised images on a black ground pass the normalised
         black image, so the background contributes nothing.
     """
-    if not hasattr(model, "branch_logits"):
+    if not isinstance(model, BranchClassifier):
         raise ValueError(f"{type(model).__name__} has no branch_logits: branch attribution is for models with "
                          "one head per branch (parallel hybrids, Conformer)")
     names: list[str] = []

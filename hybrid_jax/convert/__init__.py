@@ -32,8 +32,9 @@ import importlib
 import logging
 import math
 import pkgutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import flax
 import flax.linen as nn

@@ -10,8 +10,9 @@ path and shape by shape, so a converter cannot silently drop or invent a weight.
 
 import argparse
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import flax
 import flax.linen as nn

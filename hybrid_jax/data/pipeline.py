@@ -21,7 +21,8 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import jax

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax.layers.patch import tokens_to_grid
+
 Dtype = Any
 
 
@@ -47,12 +49,12 @@ class Fusion(nn.Module):
 
     def split_tokens(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
         """(prefix tokens, grid tokens as a [B, h, w, D] map, (h, w)) for a square grid."""
-        prefix, grid = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
-        side = math.isqrt(grid.shape[1])
-        if side * side != grid.shape[1] or side == 0:
+        count = tokens.shape[1] - self.num_prefix_tokens
+        side = math.isqrt(max(count, 0))
+        if side * side != count or side == 0:
             raise ValueError(f"{type(self).__name__} needs a square token grid after {self.num_prefix_tokens} "
-                             f"prefix tokens; got {grid.shape[1]} grid tokens")
-        return prefix, grid.reshape(grid.shape[0], side, side, grid.shape[-1]), (side, side)
+                             f"prefix tokens; got {count} grid tokens")
+        return *tokens_to_grid(tokens, (side, side), self.num_prefix_tokens), (side, side)
 
 
 def map_to_grid(local: jax.Array, grid: tuple[int, int]) -> jax.Array:

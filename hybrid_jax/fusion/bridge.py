@@ -16,14 +16,17 @@ gate 2 * hard_sigmoid(W tokens) before the output projection (`gate`, on in ever
 released model: gbr_dynamic[0]). Every Linear starts as N(0, 0.01).
 """
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.fusion.base import Dtype, Fusion
 from hybrid_jax.layers.attention import dot_product_attention
+from hybrid_jax.layers.axes import with_logical_partitioning
 from hybrid_jax.layers.drop import DropPath
 from hybrid_jax.layers.norm import layer_norm
+from hybrid_jax.layers.patch import grid_to_tokens
 
 LINEAR_INIT = nn.initializers.normal(0.01)  # the official init of every Linear in Mobile-Former
 
@@ -32,33 +35,38 @@ def linear(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: D
            name: str | None = None) -> nn.Dense:
     """A Dense layer with Mobile-Former's init and logical axes."""
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(LINEAR_INIT, axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+                    kernel_init=with_logical_partitioning(LINEAR_INIT, axes),
+                    bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
 
 def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """[B, L, C] -> [B, L, heads, C / heads], heads taking contiguous channel groups."""
     if x.shape[-1] % num_heads:
         raise ValueError(f"width {x.shape[-1]} is not divisible by {num_heads} heads")
-    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+    return einops.rearrange(x, "b l (h d) -> b l h d", h=num_heads)
 
 
-class MobileToFormer(nn.Module):
-    """Tokens attend to the map: queries from the tokens, keys = values = the map's channels."""
+class _Direction(nn.Module):
+    """Fields of both directions of the bridge."""
 
     num_heads: int = 2
-    gate: bool = True
     drop_path: float = 0.0
     attn_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+
+class MobileToFormer(_Direction):
+    """Tokens attend to the map: queries from the tokens, keys = values = the map's channels."""
+
+    gate: bool = True
+
     @nn.compact
     def __call__(self, local: jax.Array, tokens: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, h, w, c = local.shape
+        c = local.shape[-1]
         q = _split_heads(linear(c, ("embed", "heads"), name="q", **kw)(tokens), self.num_heads)
-        kv = _split_heads(local.reshape(b, h * w, c).astype(self.dtype), self.num_heads)
+        kv = _split_heads(grid_to_tokens(local).astype(self.dtype), self.num_heads)
         out = dot_product_attention(q, kv, kv, implementation=self.attn_impl).reshape(*tokens.shape[:2], c)
         if self.gate:
             out = out * 2.0 * nn.hard_sigmoid(linear(c, ("embed", "heads"), name="alpha", **kw)(tokens))
@@ -67,23 +75,17 @@ class MobileToFormer(nn.Module):
         return layer_norm(1e-5, name="layer_norm", **kw)(tokens)
 
 
-class FormerToMobile(nn.Module):
+class FormerToMobile(_Direction):
     """The map attends to the tokens: queries = the map's channels, keys and values from the tokens."""
-
-    num_heads: int = 2
-    drop_path: float = 0.0
-    attn_impl: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, local: jax.Array, tokens: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, h, w, c = local.shape
+        c = local.shape[-1]
         k = _split_heads(linear(c, ("embed", "heads"), name="k", **kw)(tokens), self.num_heads)
         v = _split_heads(linear(c, ("embed", "heads"), name="proj", **kw)(tokens), self.num_heads)
-        q = _split_heads(local.reshape(b, h * w, c).astype(self.dtype), self.num_heads)
-        out = dot_product_attention(q, k, v, implementation=self.attn_impl).reshape(b, h, w, c)
+        q = _split_heads(grid_to_tokens(local).astype(self.dtype), self.num_heads)
+        out = dot_product_attention(q, k, v, implementation=self.attn_impl).reshape(local.shape)
         return local + DropPath(self.drop_path)(out, train=train)
 
 

@@ -25,6 +25,7 @@ from hybrid_jax.fusion.base import Dtype, Fusion
 from hybrid_jax.layers.attention import MultiHeadAttention
 from hybrid_jax.layers.drop import DropPath, LayerScale
 from hybrid_jax.layers.norm import layer_norm
+from hybrid_jax.layers.patch import grid_to_tokens
 
 
 class CrossAttend(nn.Module):
@@ -71,9 +72,7 @@ class CrossAttentionFusion(Fusion):
         self.global_local = CrossAttend(context_is_tokens=True, **kw)  # the map attends to the tokens
 
     def to_tokens(self, local: jax.Array, tokens: jax.Array, *, train: bool) -> jax.Array:
-        b, h, w, c = local.shape
-        return self.local_global(tokens, local.reshape(b, h * w, c), train=train)
+        return self.local_global(tokens, grid_to_tokens(local), train=train)
 
     def to_local(self, local: jax.Array, tokens: jax.Array, *, train: bool) -> jax.Array:
-        b, h, w, c = local.shape
-        return self.global_local(local.reshape(b, h * w, c), tokens, train=train).reshape(b, h, w, c)
+        return self.global_local(grid_to_tokens(local), tokens, train=train).reshape(local.shape)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from hybrid_jax.fusion.base import Dtype, Fusion, grid_to_map, map_to_grid
 from hybrid_jax.layers.conv import Conv2d
 from hybrid_jax.layers.norm import layer_norm, norm_2d
+from hybrid_jax.layers.patch import grid_to_tokens, prepend_tokens
 
 EPS = 1e-6  # the official FCU's LayerNorm and BatchNorm epsilon
 
@@ -80,7 +81,7 @@ class FeatureCouplingUnit(Fusion):
     def to_tokens(self, local: jax.Array, tokens: jax.Array, *, train: bool) -> jax.Array:
         prefix, grid, _ = self.split_tokens(tokens)
         grid = grid + self.squeeze_block(local, grid).astype(grid.dtype)
-        return jnp.concatenate([prefix, grid.reshape(grid.shape[0], -1, grid.shape[-1])], axis=1)
+        return prepend_tokens(grid_to_tokens(grid), prefix)
 
     def to_local(self, local: jax.Array, tokens: jax.Array, *, train: bool) -> jax.Array:
         _, grid, _ = self.split_tokens(tokens)

@@ -35,14 +35,16 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.fusion.base import Dtype, Fusion, grid_to_map, map_to_grid
+from hybrid_jax.layers.axes import with_logical_partitioning
+from hybrid_jax.layers.patch import grid_to_tokens, prepend_tokens
 
 
 def zero_dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype: Dtype, param_dtype: Dtype,
                name: str) -> nn.Dense:
     """A per-position projection with logical axes, starting at zero."""
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+                    kernel_init=with_logical_partitioning(nn.initializers.zeros, axes),
+                    bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
 
 def _axes(to_map: bool) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -116,9 +118,7 @@ class _MapFusion(Fusion):
 
     def to_tokens(self, local: jax.Array, tokens: jax.Array, *, train: bool) -> jax.Array:
         prefix, grid, size = self.split_tokens(tokens)
-        grid = self.local_global(grid, map_to_grid(local, size))
-        grid = grid.reshape(grid.shape[0], -1, grid.shape[-1])
-        return jnp.concatenate([prefix.astype(grid.dtype), grid], axis=1)
+        return prepend_tokens(grid_to_tokens(self.local_global(grid, map_to_grid(local, size))), prefix)
 
     def to_local(self, local: jax.Array, tokens: jax.Array, *, train: bool) -> jax.Array:
         _, grid, _ = self.split_tokens(tokens)

@@ -1,7 +1,7 @@
 """Activations by name, so that module fields stay plain strings in configs."""
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

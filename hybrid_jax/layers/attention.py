@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax.layers.axes import with_logical_partitioning
 from hybrid_jax.layers.mlp import DENSE_INIT
 
 Dtype = Any
@@ -198,8 +199,8 @@ class MultiHeadAttention(nn.Module):
         head_dim = self.head_dim or x.shape[-1] // self.num_heads
         dense = lambda features, axes, name, use_bias=True: nn.Dense(
             features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=nn.with_logical_partitioning(DENSE_INIT, axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+            kernel_init=with_logical_partitioning(DENSE_INIT, axes),
+            bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
         # Heads are flattened into one dense width (as PyTorch's Linear), split after.
         split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
         project = lambda name, t: split(dense(self.num_heads * head_dim, ("embed", "heads"), name, self.qkv_bias)(t))

@@ -11,13 +11,15 @@ and Mobile-Former infer 2-6x faster on CPU. GPU and TPU keep the convolution.
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.act import get_act
+from hybrid_jax.layers.axes import MAP, with_logical_partitioning
 from hybrid_jax.layers.drop import DropPath
 from hybrid_jax.layers.norm import norm_2d
 
@@ -39,6 +41,11 @@ def _resolve_padding(padding: Padding, kernel_size: int, strides: int,
         return padding.upper()
     pad = torch_padding(kernel_size, strides, dilation) if padding is None else padding
     return ((pad, pad), (pad, pad))
+
+
+def max_pool_3x3(x: jax.Array) -> jax.Array:
+    """3x3 stride-2 max pool with one pixel of -inf padding, as PyTorch's MaxPool2d(3, 2, 1) (ResNet's stem)."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 @functools.partial(jax.jit, static_argnames=("strides", "padding", "dilation"))
@@ -90,7 +97,7 @@ class Conv2d(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
         kernel = self.param(
-            "kernel", nn.with_logical_partitioning(self.kernel_init, (None, None, "conv_in", "conv_out")),
+            "kernel", with_logical_partitioning(self.kernel_init, (None, None, "conv_in", "conv_out")),
             (k, k, x.shape[-1] // self.groups, self.features), self.param_dtype)
         if self.weight_standardize:
             mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
@@ -106,7 +113,7 @@ class Conv2d(nn.Module):
                 x, kernel, (self.strides, self.strides), padding, rhs_dilation=(self.dilation, self.dilation),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+            bias = self.param("bias", with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
@@ -242,7 +249,7 @@ class ResNetStage(nn.Module):
             x = block_cls(self.features, self.strides if i == 0 else 1, self.norm, padding=self.padding,
                           weight_standardize=self.weight_standardize, drop_path=rates[i], dtype=self.dtype,
                           param_dtype=self.param_dtype, name=f"blocks_{i}")(x, train=train)
-        return nn.with_logical_constraint(x, ("act_batch", "act_height", "act_width", "act_emb"))
+        return nn.with_logical_constraint(x, MAP)
 
 
 class InvertedResidual(nn.Module):

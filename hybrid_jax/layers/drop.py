@@ -1,10 +1,13 @@
 """Residual-branch regularisers: stochastic depth and LayerScale."""
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from hybrid_jax.layers.axes import with_logical_partitioning
 
 Dtype = Any
 
@@ -40,6 +43,6 @@ class LayerScale(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        gamma = self.param("gamma", nn.with_logical_partitioning(nn.initializers.constant(self.init_value), ("embed",)),
+        gamma = self.param("gamma", with_logical_partitioning(nn.initializers.constant(self.init_value), ("embed",)),
                            (x.shape[-1],), self.param_dtype)
         return x * gamma.astype(x.dtype)

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax.layers.axes import with_logical_partitioning
+
 Dtype = Any
 
 # The official code initialises every Linear as N(0, 0.01): h starts near 0.5, i.e. a ReLU.
@@ -36,8 +38,8 @@ class DynamicReLU(nn.Module):
         """Slopes [B, num_pieces, channels] from tokens [B, N, D]."""
         dense = lambda features, axes, name: nn.Dense(
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=nn.with_logical_partitioning(HYPER_INIT, axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+            kernel_init=with_logical_partitioning(HYPER_INIT, axes),
+            bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
         t = tokens[:, self.token_index]
         h = nn.relu(dense(tokens.shape[-1] // self.reduction, ("embed", "mlp"), "fc1")(t))
         h = nn.hard_sigmoid(dense(self.num_pieces * channels, ("mlp", "conv_out"), "fc2")(h))

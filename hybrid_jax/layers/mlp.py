@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.act import get_act
+from hybrid_jax.layers.axes import with_logical_partitioning
 
 Dtype = Any
 
@@ -30,8 +31,8 @@ class Mlp(nn.Module):
         out_features = self.out_features or x.shape[-1]
         dense = lambda features, axes, name: nn.Dense(
             features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=nn.with_logical_partitioning(DENSE_INIT, axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+            kernel_init=with_logical_partitioning(DENSE_INIT, axes),
+            bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
         x = dense(self.hidden_features, ("embed", "mlp"), "fc1")(x)
         x = get_act(self.act)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
@@ -41,5 +42,10 @@ class Mlp(nn.Module):
 
 def classifier_head(num_classes: int, **kw: Any) -> nn.Dense:
     """The final linear classifier, its weight sharded over ("embed", "classes")."""
-    return nn.Dense(num_classes, kernel_init=nn.with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)), **kw)
+    return nn.Dense(num_classes, kernel_init=with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
+                    bias_init=with_logical_partitioning(nn.initializers.zeros, ("classes",)), **kw)
+
+
+def classifier(num_classes: int, drop_rate: float, **kw: Any) -> tuple[nn.Dropout, nn.Dense | None]:
+    """A model's `head_drop` and `head`: dropout on the pooled features, then `classifier_head` (None: no classes)."""
+    return nn.Dropout(drop_rate), classifier_head(num_classes, **kw) if num_classes else None

@@ -5,6 +5,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hybrid_jax.layers.axes import with_logical_partitioning
+
 Dtype = Any
 
 
@@ -13,8 +15,8 @@ def layer_norm(epsilon: float = 1e-6, *, dtype: Dtype = jnp.float32, param_dtype
     """LayerNorm over the channel axis; its scale and bias shard like `embed`."""
     return nn.LayerNorm(
         epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+        scale_init=with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
 def norm_2d(kind: str, *, train: bool, zero_init: bool = False, epsilon: float = 1e-5, num_groups: int = 32,
@@ -27,8 +29,8 @@ def norm_2d(kind: str, *, train: bool, zero_init: bool = False, epsilon: float =
     scale = nn.initializers.zeros if zero_init else nn.initializers.ones
     kwargs = dict(
         epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
-        scale_init=nn.with_logical_partitioning(scale, ("conv_out",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+        scale_init=with_logical_partitioning(scale, ("conv_out",)),
+        bias_init=with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
     if kind == "batch":
         # Flax momentum 0.9 is PyTorch's momentum 0.1.
         return nn.BatchNorm(use_running_average=not train, momentum=0.9, **kwargs)

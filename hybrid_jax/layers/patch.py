@@ -1,12 +1,15 @@
-"""Image-to-token embeddings and position-embedding resampling."""
+"""Image-to-token embeddings, the reshapes between token grids and maps, and position-embedding resampling."""
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.conv import Conv2d, ConvNormAct
+from hybrid_jax.layers.inputs import check_divisible
 
 Dtype = Any
 
@@ -22,10 +25,7 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Maps [B, H, W, C] to a token grid [B, H / patch, W / patch, embed_dim]."""
-        height, width = x.shape[1:3]
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
-                             f"resize or crop the input to a multiple of {self.patch_size}")
+        check_divisible(x, self.patch_size, "the patch size")
         proj = Conv2d(self.embed_dim, self.patch_size, self.patch_size, padding="VALID", use_bias=True,
                       kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype, param_dtype=self.param_dtype,
                       name="proj")
@@ -72,3 +72,25 @@ def resample_pos_embed(pos_embed: jax.Array, new_grid: tuple[int, int], num_pref
     grid = jax.image.resize(grid.astype(jnp.float32), (1, *new_grid, grid.shape[-1]), method=method, antialias=True)
     grid = grid.reshape(1, new_grid[0] * new_grid[1], -1).astype(pos_embed.dtype)
     return jnp.concatenate([prefix, grid], axis=1)
+
+
+def grid_to_tokens(grid: jax.Array) -> jax.Array:
+    """A [B, h, w, C] map as [B, h*w, C] row-major tokens."""
+    return einops.rearrange(grid, "b h w c -> b (h w) c")
+
+
+def tokens_to_grid(tokens: jax.Array, grid: tuple[int, int],
+                   num_prefix_tokens: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Splits [B, prefix + h*w, C] tokens into the prefix (class / global tokens) and the [B, h, w, C] grid."""
+    prefix, patches = tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:]
+    if patches.shape[1] != grid[0] * grid[1]:
+        raise ValueError(f"{patches.shape[1]} tokens after {num_prefix_tokens} prefix tokens do not fill a "
+                         f"{grid[0]}x{grid[1]} grid")
+    return prefix, einops.rearrange(patches, "b (h w) c -> b h w c", h=grid[0], w=grid[1])
+
+
+def prepend_tokens(tokens: jax.Array, prefix: jax.Array) -> jax.Array:
+    """[B, N, D] tokens after a learned [1, n, D] prefix (a class token), broadcast over the batch."""
+    batch, _, dim = tokens.shape
+    prefix = jnp.broadcast_to(prefix, (batch, prefix.shape[1], dim)).astype(tokens.dtype)
+    return jnp.concatenate([prefix, tokens], axis=1)

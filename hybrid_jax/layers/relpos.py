@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybrid_jax.layers.axes import with_logical_partitioning
+
 Dtype = Any
 
 # timm initialises the tables with a (truncated) normal of std 0.02.
@@ -78,6 +80,6 @@ class RelPosBias(nn.Module):
         """The bias for `window` (default: the table's own window size)."""
         height, width = self.window_size
         table = self.param("relative_position_bias_table",
-                           nn.with_logical_partitioning(TABLE_INIT, ("heads", None, None)),
+                           with_logical_partitioning(TABLE_INIT, ("heads", None, None)),
                            (self.num_heads, 2 * height - 1, 2 * width - 1), self.param_dtype)
         return lookup_bias(table, *(window or self.window_size))

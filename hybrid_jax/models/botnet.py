@@ -28,7 +28,8 @@ The relative tables are sized for the feature maps at `img_size`; at another inp
 size they are resampled (linear over offsets), which timm does not offer.
 """
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,14 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.layers.attention import dot_product_attention
-from hybrid_jax.layers.conv import Bottleneck, ConvNormAct
+from hybrid_jax.layers.axes import MAP, with_logical_partitioning
+from hybrid_jax.layers.conv import Bottleneck, ConvNormAct, max_pool_3x3
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
-from hybrid_jax.layers.mlp import DENSE_INIT, classifier_head
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.mlp import DENSE_INIT, classifier
+from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.norm import norm_2d
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
-MAP = ("act_batch", "act_height", "act_width", "act_emb")
 BLOCK_TYPES = ("C", "A")  # C: conv bottleneck, A: attention bottleneck
 
 
@@ -98,11 +101,11 @@ class BottleneckAttention(nn.Module):
             raise ValueError(f"{c} channels do not split into {self.num_heads} heads")
         d = c // self.num_heads
         qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv",
-                       kernel_init=nn.with_logical_partitioning(DENSE_INIT, ("embed", "heads")),
-                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)))(x)
+                       kernel_init=with_logical_partitioning(DENSE_INIT, ("embed", "heads")),
+                       bias_init=with_logical_partitioning(nn.initializers.zeros, ("heads",)))(x)
         # Channels are [q | k | v], each head-major, as timm's 1x1 conv.
         q, k, v = (t.reshape(b, h * w, self.num_heads, d) for t in jnp.split(qkv, 3, axis=-1))
-        init = nn.with_logical_partitioning(nn.initializers.normal(d ** -0.5), (None, "kv"))
+        init = with_logical_partitioning(nn.initializers.normal(d ** -0.5), (None, "kv"))
         height_rel = self.param("height_rel", init, (2 * self.feat_size[0] - 1, d), self.param_dtype)
         width_rel = self.param("width_rel", init, (2 * self.feat_size[1] - 1, d), self.param_dtype)
         bias = relative_logits(q.reshape(b, h, w, self.num_heads, d), _resize_offsets(height_rel, h),
@@ -184,7 +187,7 @@ class BoTStage(nn.Module):
         return nn.with_logical_constraint(x, MAP)
 
 
-class BoTNet(nn.Module):
+class BoTNet(ImageClassifier):
     """ResNet-style stem, four bottleneck stages mixing conv and attention blocks, average pool, linear head."""
 
     img_size: int = 224  # sizes the relative position tables; other inputs resample them
@@ -194,12 +197,7 @@ class BoTNet(nn.Module):
     stem_width: int = 64
     num_heads: int = 4
     scale_pos_embed: bool = False
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -219,31 +217,24 @@ class BoTNet(nn.Module):
                                    self.scale_pos_embed, rates[i], self.attn_impl, **kw))
             size = _conv_out(size) if strides == 2 else size
         self.stages = stages
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes:
-            self.head = classifier_head(self.num_classes, **kw)
+        self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 
     @property
     def num_features(self) -> int:
         """Width of the pooled features."""
         return self.widths[-1]
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """Feature maps after the stem (max-pooled) and after each stage, and the pooled features."""
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The max-pooled stem (stride 4) and each stage (strides 4, 8, 16, 32)."""
+        return (FeatureInfo("stem", self.stem_width, 4),
+                *(FeatureInfo(f"stage{i + 1}", width, 4 * 2 ** i) for i, width in enumerate(self.widths)))
+
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """Feature maps after the stem (max-pooled) and after each stage."""
         for conv in self.stem:
             x = conv(x, train=train)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        features = {"stem": x}
-        for i, stage in enumerate(self.stages):
-            x = features[f"stage{i + 1}"] = stage(x, train=train)
-        features["pooled"] = jnp.mean(x, axis=(1, 2))
-        return features
-
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        pooled = self.forward_features(x, train=train)["pooled"]
-        if not self.num_classes:
-            return pooled
-        return self.head(self.head_drop(pooled, deterministic=not train))
+        return run_stages(max_pool_3x3(x), self.stages, train=train)
 
 
 _TIMM = ("timm botnet26t_256.c1_in1k (a timm config, not the paper's): params and GMACs from timm "
@@ -253,13 +244,12 @@ _BOT50 = ("BoT50, the paper's layout (ResNet-50 with MHSA in all three c5 blocks
           "not read here); 4.02 GMACs = ResNet-50's 4.09 minus c5's 3x3 convs plus MHSA. No top-1: the paper's "
           "224 px figure (78.3, recalled) could not be checked here")
 VARIANTS = {
-    "botnet26t_256": (dict(img_size=256, layout=("CC", "CC", "CA", "AA"), stem_type="tiered"), 256,
+    "botnet26t_256": (dict(img_size=256, layout=("CC", "CC", "CA", "AA"), stem_type="tiered"),
                       PaperFigures(12.49, 3.32, 79.256, _TIMM)),
-    "botnet50": (dict(img_size=224, scale_pos_embed=True), 224, PaperFigures(20.852008, 4.025, None, _BOT50)),
+    "botnet50": (dict(img_size=224, scale_pos_embed=True), PaperFigures(20.852008, 4.025, None, _BOT50)),
 }
 
-for _name, (_fields, _size, _paper) in VARIANTS.items():
-    register_model(_name, BoTNet, _fields, category="serial", input_size=_size, paper=_paper)
+register_variants(BoTNet, VARIANTS, category="serial")  # each at its img_size
 
 # A conv bottleneck, a strided and a plain attention block and the tiered stem at about 20k parameters.
 register_model("test_botnet", BoTNet, dict(img_size=32, layout=("C", "AA"), widths=(16, 32), stem_type="tiered",

@@ -26,7 +26,8 @@ weights all four variants gave its logits to 1.5e-6 (checked once by hand: the o
 code is a repository, not an installable package).
 """
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,14 +35,17 @@ import jax.numpy as jnp
 
 from hybrid_jax.layers.act import get_act
 from hybrid_jax.layers.attention import MultiHeadAttention
+from hybrid_jax.layers.axes import MAP, with_logical_partitioning
 from hybrid_jax.layers.conv import Conv2d, ConvNormAct
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
-from hybrid_jax.layers.mlp import classifier_head
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.mlp import classifier
+from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.norm import layer_norm, norm_2d
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.layers.patch import grid_to_tokens
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
-MAP = ("act_batch", "act_height", "act_width", "act_emb")
 # The official code initialises B with torch.randn (std 1) and never re-initialises it.
 BIAS_INIT = nn.initializers.normal(1.0)
 
@@ -131,7 +135,7 @@ class CMTBlock(nn.Module):
                                   act="identity", name="sr", **kw)(y, train=train)
         y = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, proj_drop=self.drop_rate,
                                implementation=self.attn_impl, name="attn", **kw)(
-            y.reshape(b, h * w, c), context.reshape(b, -1, c), bias=bias, train=train)
+            grid_to_tokens(y), grid_to_tokens(context), bias=bias, train=train)
         x = x + DropPath(self.drop_path)(y.reshape(b, h, w, c), train=train)
         y = IRFFN(int(c * self.mlp_ratio), self.drop_rate, name="ffn", **kw)(
             layer_norm(1e-6, name="norm2", **kw)(x), train=train)
@@ -161,7 +165,7 @@ class CMTStage(nn.Module):
         x = Conv2d(self.features, 2, 2, padding="VALID", use_bias=True, name="patch_embed", **kw)(x)
         x = layer_norm(1e-5, name="patch_norm", **kw)(x)
         q, k = self.bias_grid
-        bias = self.param("relative_pos", nn.with_logical_partitioning(BIAS_INIT, ("heads", None, None)),
+        bias = self.param("relative_pos", with_logical_partitioning(BIAS_INIT, ("heads", None, None)),
                           (self.num_heads, q * q, k * k), self.param_dtype)
         h, w = x.shape[1:3]
         if h < self.sr_ratio or w < self.sr_ratio:
@@ -174,7 +178,7 @@ class CMTStage(nn.Module):
         return x
 
 
-class CMT(nn.Module):
+class CMT(ImageClassifier):
     """CMT: convolutional stem, four stages of LPU + lightweight MHSA + IRFFN blocks, 1x1 conv head."""
 
     img_size: int = 224  # sizes the learned attention biases; other inputs resample them
@@ -186,13 +190,8 @@ class CMT(nn.Module):
     stem_width: int = 16
     fc_dim: int = 1280
     qkv_bias: bool = True
-    num_classes: int = 1000
-    drop_rate: float = 0.0  # inside the blocks
-    head_drop_rate: float = 0.1  # before the classifier (the official `dp`)
-    drop_path_rate: float = 0.0
+    head_drop_rate: float = 0.1  # before the classifier (the official `dp`); drop_rate acts inside the blocks
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -203,29 +202,26 @@ class CMT(nn.Module):
                                 self.mlp_ratio, self.qkv_bias, self.drop_rate, rates[i], self.attn_impl, **kw)
                        for i in range(len(self.depths))]
         self.head_conv = ConvNormAct(self.fc_dim, 1, use_bias=True, act="silu", **kw)
-        self.head_drop = nn.Dropout(self.head_drop_rate)
-        if self.num_classes:
-            self.head = classifier_head(self.num_classes, **kw)
+        self.head_drop, self.head = classifier(self.num_classes, self.head_drop_rate, **kw)
 
     @property
     def num_features(self) -> int:
         """Width of the pooled features."""
         return self.fc_dim
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """The stem's map, each stage's map, and the pooled features after the 1x1 head conv."""
-        x = self.stem(x, train=train)
-        features = {"stem": x}
-        for i, stage in enumerate(self.stages):
-            x = features[f"stage{i + 1}"] = stage(x, train=train)
-        features["pooled"] = jnp.mean(self.head_conv(x, train=train), axis=(1, 2))
-        return features
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The stem (stride 2) and each stage (strides 4, 8, 16, 32)."""
+        return (FeatureInfo("stem", self.stem_width, 2),
+                *(FeatureInfo(f"stage{i + 1}", dim, 2 ** (i + 2)) for i, dim in enumerate(self.embed_dims)))
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        pooled = self.forward_features(x, train=train)["pooled"]
-        if not self.num_classes:
-            return pooled
-        return self.head(self.head_drop(pooled, deterministic=not train))
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """The stem's map and each stage's map."""
+        return run_stages(self.stem(x, train=train), self.stages, train=train)
+
+    def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """The spatial mean after the 1x1 head conv."""
+        return {"pooled": jnp.mean(self.head_conv(features[f"stage{len(self.depths)}"], train=train), axis=(1, 2))}
 
 
 # Parameters: the official code's count at each variant's resolution (equal to the paper's 9.5M, 15.2M and 45.7M
@@ -238,17 +234,16 @@ _S_NOTE = ("; the paper's 25.1M for CMT-S does not match the official cmt_s conf
            "widths, depths and ratio 4, measured in the released code; ggjy/CMT.pytorch issue 7 reports such "
            "code/paper mismatches): registered at the code's count, which the released weights use")
 VARIANTS = {
-    "cmt_ti": (dict(img_size=160), 160, PaperFigures(9.492426, 0.639, 79.1, _PAPER + _TI_NOTE)),
-    "cmt_xs": (dict(img_size=192, embed_dims=(52, 104, 208, 416), depths=(3, 3, 12, 3), mlp_ratio=3.77), 192,
+    "cmt_ti": (dict(img_size=160), PaperFigures(9.492426, 0.639, 79.1, _PAPER + _TI_NOTE)),
+    "cmt_xs": (dict(img_size=192, embed_dims=(52, 104, 208, 416), depths=(3, 3, 12, 3), mlp_ratio=3.77),
                PaperFigures(15.247208, 1.5, 81.8, _PAPER)),
     "cmt_s": (dict(img_size=224, embed_dims=(64, 128, 256, 512), stem_width=32, depths=(3, 3, 16, 3),
-                   mlp_ratio=4.0), 224, PaperFigures(26.256160, 4.0, 83.5, _PAPER + _S_NOTE)),
+                   mlp_ratio=4.0), PaperFigures(26.256160, 4.0, 83.5, _PAPER + _S_NOTE)),
     "cmt_b": (dict(img_size=256, embed_dims=(76, 152, 304, 608), stem_width=38, depths=(4, 4, 20, 4),
-                   mlp_ratio=4.0, head_drop_rate=0.3), 256, PaperFigures(45.715076, 9.3, 84.5, _PAPER)),
+                   mlp_ratio=4.0, head_drop_rate=0.3), PaperFigures(45.715076, 9.3, 84.5, _PAPER)),
 }
 
-for _name, (_fields, _size, _paper) in VARIANTS.items():
-    register_model(_name, CMT, _fields, category="hierarchical", input_size=_size, paper=_paper)
+register_variants(CMT, VARIANTS, category="hierarchical")  # each at its img_size
 
 # Two stages (keys shrunk 2x2, then not at all), the stem, IRFFN and the head conv at about 30k parameters, so its
 # compilation stays quick; tests/test_cmt.py checks the four-stage layout.

@@ -49,23 +49,28 @@ that rule, so the README's figures are the ones registered.
 inputs: tokens every 4 px with patch_size 16, a 7x7 grid at 28 px, 8x8 at 32 px.
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.fusion.fcu import FeatureCouplingUnit
-from hybrid_jax.layers.conv import Conv2d
+from hybrid_jax.layers.axes import MAP, with_logical_partitioning
+from hybrid_jax.layers.conv import Conv2d, max_pool_3x3
 from hybrid_jax.layers.drop import drop_path_schedule
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.inputs import check_divisible
 from hybrid_jax.layers.mlp import classifier_head
+from hybrid_jax.layers.model import BranchClassifier
 from hybrid_jax.layers.norm import layer_norm, norm_2d
+from hybrid_jax.layers.patch import grid_to_tokens, prepend_tokens
 from hybrid_jax.models.vit import Block
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
 
-MAP = ("act_batch", "act_height", "act_width", "act_emb")
 EPS = 1e-6  # the official blocks' BatchNorm and LayerNorm epsilon
 
 
@@ -134,7 +139,7 @@ class ConvTransBlock(nn.Module):
         return x, tokens
 
 
-class Conformer(nn.Module):
+class Conformer(BranchClassifier):
     """Conformer: shared stem, a bottleneck CNN and a ViT side by side, FCUs between them, two heads."""
 
     patch_size: int = 16  # token stride; the FCUs pool stage maps by patch_size / 4, / 8, / 16
@@ -148,12 +153,7 @@ class Conformer(nn.Module):
     num_med_block: int = 0
     stem_width: int = 64
     stem_stride: int = 4  # 4: 7x7/2 conv + 3x3/2 max pool (official) | 1: one 3x3 conv, for 28-32 px inputs
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         if self.depth % 3 or self.depth < 3:
@@ -167,14 +167,14 @@ class Conformer(nn.Module):
         stem_kernel, stem_strides = (7, 2) if self.stem_stride == 4 else (3, 1)
         self.conv1 = Conv2d(self.stem_width, stem_kernel, stem_strides, **kw)
         self.bn1 = nn.BatchNorm(momentum=0.9, epsilon=1e-5, **kw,  # use_running_average is given per call
-                                scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("conv_out",)),
-                                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+                                scale_init=with_logical_partitioning(nn.initializers.ones, ("conv_out",)),
+                                bias_init=with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
         width = self.base_channel * self.channel_ratio
         self.conv_1 = ConvBlock(width, res_conv=True, **kw)
         dw_stride = self.patch_size // 4
         self.trans_patch_conv = Conv2d(self.embed_dim, dw_stride, dw_stride, padding=0, use_bias=True, **kw)
         self.cls_token = self.param(
-            "cls_token", nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, None, "embed")),
+            "cls_token", with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, None, "embed")),
             (1, 1, self.embed_dim), self.param_dtype)
         rates = drop_path_schedule(self.drop_path_rate, (self.depth,))[0]
         transformer = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
@@ -199,53 +199,47 @@ class Conformer(nn.Module):
         """Input pixels per token along each side; input sides must be multiples of it."""
         return self.stem_stride * self.patch_size // 4
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """Both branches after every block: "cnn{i}" maps and "transformer{i}" tokens for i = 1..depth.
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The stem, then both branches after every block i = 1..depth: "cnn{i}" and "transformer{i}" (patch tokens).
 
-        Also "stem", "tokens" (the normed final tokens), "cnn_pooled", "transformer_pooled"
-        (the normed class token) and "pooled" (the two concatenated).
+        The CNN halves its map in the first block of the second and third thirds and in the last block.
         """
-        height, width = x.shape[1:3]
-        if height % self.stride or width % self.stride:
-            raise ValueError(f"image size {height}x{width} is not a multiple of Conformer's stride {self.stride}; "
-                             f"resize or crop the input to a multiple of {self.stride}")
+        width, third = self.base_channel * self.channel_ratio, self.depth // 3
+        infos = [FeatureInfo("stem", self.stem_width, self.stem_stride)]
+        for i in range(1, self.depth + 1):
+            stage = (i - 1) // third
+            halvings = (i > third) + (i > 2 * third) + (i == self.depth)
+            infos += [FeatureInfo(f"cnn{i}", width * 2 ** stage, self.stem_stride * 2 ** halvings, "cnn"),
+                      FeatureInfo(f"transformer{i}", self.embed_dim, self.stride, "transformer", num_prefix_tokens=1)]
+        return tuple(infos)
+
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """The stem, then both branches after every block: "cnn{i}" maps and "transformer{i}" tokens, i = 1..depth."""
+        check_divisible(x, self.stride, "Conformer's stride")
         stem = nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
         if self.stem_stride == 4:
-            stem = nn.max_pool(stem, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            stem = max_pool_3x3(stem)
         features = {"stem": stem}
         x, _ = self.conv_1(stem, train=train)
-        grid = self.trans_patch_conv(stem)
-        batch, _, _, dim = grid.shape
-        cls = jnp.broadcast_to(self.cls_token, (batch, 1, dim)).astype(grid.dtype)
-        tokens = self.trans_1(jnp.concatenate([cls, grid.reshape(batch, -1, dim)], axis=1), train=train)
+        tokens = self.trans_1(prepend_tokens(grid_to_tokens(self.trans_patch_conv(stem)), self.cls_token), train=train)
         features["cnn1"], features["transformer1"] = x, tokens
         for i, block in enumerate(self.conv_trans, start=2):
             x, tokens = block(x, tokens, train=train)
             features[f"cnn{i}"], features[f"transformer{i}"] = x, tokens
-        features["tokens"] = tokens = self.trans_norm(tokens)
-        features["cnn_pooled"] = jnp.mean(x, axis=(1, 2))
-        features["transformer_pooled"] = tokens[:, 0]
-        features["pooled"] = jnp.concatenate(
-            [features["cnn_pooled"], features["transformer_pooled"].astype(x.dtype)], axis=-1)
         return features
 
-    def _heads(self, features: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        if not self.num_classes:
-            raise ValueError("branch logits need the classifiers; this model was built with num_classes=0")
+    def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """The normed final tokens, "cnn_pooled", "transformer_pooled" (the normed class token), both as "pooled"."""
+        x, tokens = features[f"cnn{self.depth}"], self.trans_norm(features[f"transformer{self.depth}"])
+        pooled = {"cnn_pooled": jnp.mean(x, axis=(1, 2)), "transformer_pooled": tokens[:, 0]}
+        return {"tokens": tokens, **pooled,
+                "pooled": jnp.concatenate([pooled["cnn_pooled"], pooled["transformer_pooled"].astype(x.dtype)], -1)}
+
+    def branch_heads(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """{"cnn": [B, classes], "transformer": [B, classes]}; no dropout before them, as the official code."""
         return {"cnn": self.conv_cls_head(features["cnn_pooled"]),
                 "transformer": self.trans_cls_head(features["transformer_pooled"])}
-
-    def branch_logits(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-        """Each head's logits, {"cnn": [B, classes], "transformer": [B, classes]}, for one loss per head."""
-        return self._heads(self.forward_features(x, train=train))
-
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """The mean of the two heads' logits; the pooled features when num_classes=0."""
-        features = self.forward_features(x, train=train)
-        if not self.num_classes:
-            return features["pooled"]
-        logits = self._heads(features)
-        return (logits["cnn"] + logits["transformer"]) / 2
 
 
 # Parameters: exact counts from mmpretrain's metafile (configs/conformer/metafile.yml, converted official
@@ -273,8 +267,7 @@ _VARIANTS = {  # the official models.py: every variant has depth 12, mlp_ratio 4
                                PaperFigures(83.289136, 23.3, 84.1, _README + _MACS_NOTE)),
 }
 
-for _name, (_fields, _paper) in _VARIANTS.items():
-    register_model(_name, Conformer, _fields, category="parallel", paper=_paper)
+register_variants(Conformer, _VARIANTS, category="parallel")
 
 # For 28-32 px inputs (Fashion-MNIST, CIFAR) and fast tests: a 3x3 stride-1 stem, tokens every 4 px (8x8 at 32 px),
 # CNN widths 32 / 64 / 128, two ConvTransBlocks per stage.

@@ -48,14 +48,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.layers.attention import MultiHeadAttention, dot_product_attention
+from hybrid_jax.layers.axes import TOKENS, with_logical_partitioning
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
-from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier_head
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier
+from hybrid_jax.layers.model import ImageClassifier
 from hybrid_jax.layers.norm import layer_norm
-from hybrid_jax.layers.patch import PatchEmbed, resample_pos_embed
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.layers.patch import PatchEmbed, grid_to_tokens, prepend_tokens, resample_pos_embed
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
-TOKENS = ("act_batch", "act_len", "act_emb")
 
 
 def relative_offsets(height: int, width: int) -> np.ndarray:
@@ -113,8 +115,8 @@ class GPSA(nn.Module):
         heads, head_dim = self.num_heads, dim // self.num_heads
         dense = lambda features, axes, name, use_bias, init=DENSE_INIT: nn.Dense(
             features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=nn.with_logical_partitioning(init, axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+            kernel_init=with_logical_partitioning(init, axes),
+            bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
         qk = dense(2 * dim, ("embed", "heads"), "qk", self.qkv_bias)(x).reshape(batch, length, 2, heads, head_dim)
         v = dense(dim, ("embed", "heads"), "v", self.qkv_bias, _identity_init)(x).reshape(batch, length, heads,
                                                                                          head_dim)
@@ -126,7 +128,7 @@ class GPSA(nn.Module):
         pos_attn = jax.nn.softmax(pos_logits.astype(jnp.float32), axis=1).astype(v.dtype)  # [N query, N key, heads]
         positional = jnp.einsum("nmh,bmhd->bnhd", pos_attn, v)
 
-        gating = self.param("gating_param", nn.with_logical_partitioning(nn.initializers.ones, ("heads",)),
+        gating = self.param("gating_param", with_logical_partitioning(nn.initializers.ones, ("heads",)),
                             (heads,), self.param_dtype)
         gate = jax.nn.sigmoid(gating.astype(jnp.float32)).astype(v.dtype)[:, None]
         out = (1 - gate) * content.astype(v.dtype) + gate * positional
@@ -165,7 +167,7 @@ class ConvitBlock(nn.Module):
         return nn.with_logical_constraint(x, TOKENS)
 
 
-class ConViT(nn.Module):
+class ConViT(ImageClassifier):
     """ConViT: patch embedding + positions, GPSA blocks, then a class token and self-attention blocks."""
 
     img_size: int = 224
@@ -178,12 +180,7 @@ class ConViT(nn.Module):
     local_up_to_layer: int = 10  # blocks [0, local_up_to_layer) use GPSA; the class token joins after them
     locality_strength: float = 1.0
     global_pool: str = "token"  # token | avg
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -193,9 +190,9 @@ class ConViT(nn.Module):
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, **kw)
         grid = self.img_size // self.patch_size
         init = nn.initializers.truncated_normal(0.02)
-        self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(init, (None, None, "embed")),
+        self.pos_embed = self.param("pos_embed", with_logical_partitioning(init, (None, None, "embed")),
                                     (1, grid * grid, self.embed_dim), self.param_dtype)
-        self.cls_token = self.param("cls_token", nn.with_logical_partitioning(init, (None, None, "embed")),
+        self.cls_token = self.param("cls_token", with_logical_partitioning(init, (None, None, "embed")),
                                     (1, 1, self.embed_dim), self.param_dtype)
         self.pos_drop = nn.Dropout(self.drop_rate)
         rates = drop_path_schedule(self.drop_path_rate, (self.depth,))[0]
@@ -203,32 +200,31 @@ class ConViT(nn.Module):
                                    self.locality_strength, self.drop_rate, rate, self.attn_impl, **kw)
                        for i, rate in enumerate(rates)]
         self.norm = layer_norm(**kw)
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes:
-            self.head = classifier_head(self.num_classes, **kw)
+        self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """The patch grid, tokens after every block (patch tokens only in the local blocks), final tokens, pooled."""
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """Every block's patch tokens as a map (stride patch_size); the class token joins after the local blocks."""
+        return tuple(FeatureInfo(f"block{i}", self.embed_dim, self.patch_size,
+                                 num_prefix_tokens=int(i >= self.local_up_to_layer)) for i in range(self.depth))
+
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """The patch grid and the tokens after every block (patch tokens only in the local blocks)."""
         grid = self.patch_embed(x)
         features = {"patch_embed": grid}
-        batch, height, width, dim = grid.shape
-        x = grid.reshape(batch, height * width, dim)
-        x = x + resample_pos_embed(self.pos_embed, (height, width), num_prefix_tokens=0).astype(x.dtype)
+        x = grid_to_tokens(grid)
+        x = x + resample_pos_embed(self.pos_embed, grid.shape[1:3], num_prefix_tokens=0).astype(x.dtype)
         x = self.pos_drop(x, deterministic=not train)
         for i, block in enumerate(self.blocks):
             if i == self.local_up_to_layer:
-                cls = jnp.broadcast_to(self.cls_token, (batch, 1, dim)).astype(x.dtype)
-                x = jnp.concatenate([cls, x], axis=1)
-            x = features[f"block{i}"] = block(x, (height, width), train=train)
-        x = features["tokens"] = self.norm(x)
-        features["pooled"] = x[:, 0] if self.global_pool == "token" else jnp.mean(x[:, 1:], axis=1)
+                x = prepend_tokens(x, self.cls_token)
+            x = features[f"block{i}"] = block(x, grid.shape[1:3], train=train)
         return features
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        pooled = self.forward_features(x, train=train)["pooled"]
-        if not self.num_classes:
-            return pooled
-        return self.head(self.head_drop(pooled, deterministic=not train))
+    def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """The normed final tokens and the pooled features: the class token, or the mean of the patch tokens."""
+        x = self.norm(features[f"block{self.depth - 1}"])
+        return {"tokens": x, "pooled": x[:, 0] if self.global_pool == "token" else jnp.mean(x[:, 1:], axis=1)}
 
 
 def positional_branch_gmacs(embed_dim: int, num_tokens: int, gpsa_layers: int = 10) -> float:
@@ -250,11 +246,15 @@ _SIZES = {
     "base": (16, 86.54, 17.52, 82.4),
 }
 
-for _size, (_heads, _params, _gmacs, _top1) in _SIZES.items():
-    _extra = positional_branch_gmacs(48 * _heads, 196)
-    register_model(f"convit_{_size}", ConViT, dict(embed_dim=48 * _heads, num_heads=_heads), category="serial",
-                   paper=PaperFigures(_params, _gmacs + _extra, _top1,
-                                      _SOURCE.format(size=_size, params=_params, timm_gmacs=_gmacs, extra=_extra)))
+
+
+def _variant(size: str, heads: int, params: float, gmacs: float, top1: float) -> tuple[dict, PaperFigures]:
+    extra = positional_branch_gmacs(48 * heads, 196)
+    return dict(embed_dim=48 * heads, num_heads=heads), PaperFigures(
+        params, gmacs + extra, top1, _SOURCE.format(size=size, params=params, timm_gmacs=gmacs, extra=extra))
+
+
+register_variants(ConViT, {f"convit_{size}": _variant(size, *row) for size, row in _SIZES.items()}, category="serial")
 
 # A tiny variant for the registry-wide tests: 32 px, 4x4 patches of 8 px, 2 GPSA blocks then 1 global block.
 register_model("test_convit", ConViT, dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4,

@@ -25,21 +25,26 @@ projection, the last block's query projection of the map tokens shapes the final
 map (`forward_features`) but not the logits.
 """
 
-from typing import Any, Sequence
+import math
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.attention import dot_product_attention
+from hybrid_jax.layers.axes import TOKENS, with_logical_partitioning
 from hybrid_jax.layers.conv import Conv2d, ConvNormAct
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
-from hybrid_jax.layers.mlp import DENSE_INIT, HEAD_INIT, Mlp, classifier_head
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.mlp import DENSE_INIT, HEAD_INIT, Mlp, classifier
+from hybrid_jax.layers.model import ImageClassifier
 from hybrid_jax.layers.norm import layer_norm
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.layers.patch import grid_to_tokens, prepend_tokens, tokens_to_grid
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
-TOKENS = ("act_batch", "act_len", "act_emb")
 LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default, as the official code
 
 
@@ -78,17 +83,16 @@ class ConvAttention(nn.Module):
         """x: [B, (1 +) h*w, C] tokens of an h x w map (class token first when `with_cls`)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, n, c = x.shape
-        cls, grid = (x[:, :1], x[:, 1:]) if with_cls else (None, x)
-        grid = grid.reshape(b, *size, c)
+        cls, grid = tokens_to_grid(x, size, int(with_cls))
         dense = lambda axes, name, use_bias: nn.Dense(
-            c, use_bias=use_bias, name=name, kernel_init=nn.with_logical_partitioning(DENSE_INIT, axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), **kw)
+            c, use_bias=use_bias, name=name, kernel_init=with_logical_partitioning(DENSE_INIT, axes),
+            bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]), **kw)
 
         def project(name: str, stride: int) -> jax.Array:
             y = ConvNormAct(c, self.kernel_size, stride, groups=c, act="identity", name=f"conv_proj_{name}", **kw)(
                 grid, train=train)
-            y = y.reshape(b, -1, c)
-            if cls is not None:
+            y = grid_to_tokens(y)
+            if with_cls:
                 y = jnp.concatenate([cls.astype(y.dtype), y], axis=1)
             y = dense(("embed", "heads"), f"proj_{name}", self.qkv_bias)(y)
             return y.reshape(b, -1, self.num_heads, c // self.num_heads)
@@ -155,22 +159,22 @@ class CvtStage(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = ConvEmbed(self.features, self.patch_size, self.patch_stride, self.patch_padding, name="embed", **kw)(x)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        b, h, w, c = x.shape
-        x = x.reshape(b, h * w, c)
+        size = x.shape[1:3]
+        x = grid_to_tokens(x)
         if self.with_cls:
-            cls = self.param("cls_token", nn.with_logical_partitioning(HEAD_INIT, (None, None, "embed")),
-                             (1, 1, c), self.param_dtype)
-            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c)).astype(x.dtype), x], axis=1)
+            cls = self.param("cls_token", with_logical_partitioning(HEAD_INIT, (None, None, "embed")),
+                             (1, 1, self.features), self.param_dtype)
+            x = prepend_tokens(x, cls)
         rates = self.drop_path_rates or (0.0,) * self.depth
         for i in range(self.depth):
             x = CvtBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.kernel_qkv, self.stride_kv, self.stride_q,
                          self.drop_rate, rates[i], self.attn_impl, name=f"blocks_{i}", **kw)(
-                x, (h, w), with_cls=self.with_cls, train=train)
-        cls, x = (x[:, :1], x[:, 1:]) if self.with_cls else (None, x)
-        return x.reshape(b, h, w, c), cls
+                x, size, with_cls=self.with_cls, train=train)
+        cls, x = tokens_to_grid(x, size, int(self.with_cls))
+        return x, cls if self.with_cls else None
 
 
-class CvT(nn.Module):
+class CvT(ImageClassifier):
     """CvT: three stages of convolutional embedding + convolutional-projection transformer blocks, then a head."""
 
     embed_dims: Sequence[int] = (64, 192, 384)
@@ -185,12 +189,8 @@ class CvT(nn.Module):
     stride_kv: int = 2
     stride_q: int = 1
     cls_token: bool = True  # a class token in the last stage feeds the head; False: mean of the last map's tokens
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0  # last stage only, as the official configs
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    # drop_path_rate acts in the last stage only, as the official configs
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -203,33 +203,34 @@ class CvT(nn.Module):
                      self.attn_impl, **kw)
             for i in range(len(self.depths))]
         self.norm = layer_norm(LN_EPS, **kw)
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes:
-            self.head = classifier_head(self.num_classes, **kw)
+        self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 
     @property
     def num_features(self) -> int:
         """Width of the pooled features."""
         return self.embed_dims[-1]
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """Each stage's token map [B, h, w, C], the class token, and the pooled (normalised) features."""
-        features, cls = {}, None
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """Each stage's token map (strides 4, 8, 16); no stem: the first stage's embedding is the first conv."""
+        return tuple(FeatureInfo(f"stage{i + 1}", dim, math.prod(self.patch_strides[:i + 1]))
+                     for i, dim in enumerate(self.embed_dims))
+
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """Each stage's token map [B, h, w, C], and the class token [B, C] where the last stage has one."""
+        features = {}
         for i, stage in enumerate(self.stages):
             x, cls = stage(x, train=train)
             features[f"stage{i + 1}"] = x
         if cls is not None:
             features["cls_token"] = cls[:, 0]
-            features["pooled"] = self.norm(cls)[:, 0]
-        else:
-            features["pooled"] = jnp.mean(self.norm(x.reshape(x.shape[0], -1, x.shape[-1])), axis=1)
         return features
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        pooled = self.forward_features(x, train=train)["pooled"]
-        if not self.num_classes:
-            return pooled
-        return self.head(self.head_drop(pooled, deterministic=not train))
+    def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """The normed class token, or the mean of the last map's normed tokens."""
+        if "cls_token" in features:
+            return {"pooled": self.norm(features["cls_token"])}
+        return {"pooled": jnp.mean(self.norm(grid_to_tokens(features[f"stage{len(self.depths)}"])), axis=1)}
 
 
 # Parameters: the exact count of the official / Hugging Face model with a 1000-class head (the README rounds
@@ -241,8 +242,7 @@ VARIANTS = {
     "cvt_21": (dict(depths=(1, 4, 16)), PaperFigures(31.622696, 7.1, 82.5, _CVT)),
 }
 
-for _name, (_fields, _paper) in VARIANTS.items():
-    register_model(_name, CvT, _fields, category="hierarchical", paper=_paper)
+register_variants(CvT, VARIANTS, category="hierarchical")
 
 # Two stages, both strides and every projection at about 20k parameters, so its compilation stays quick. Without
 # the class token: with it, the last block's query projection of the map tokens cannot reach the logits (only the

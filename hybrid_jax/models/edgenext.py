@@ -34,22 +34,27 @@ weights); `hybrid_jax/convert/edgenext.py` converts them.
 """
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.layers.attention import dot_product_attention
+from hybrid_jax.layers.axes import MAP, with_logical_partitioning
 from hybrid_jax.layers.conv import Conv2d
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
-from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier_head
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier
+from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.norm import layer_norm
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.layers.patch import grid_to_tokens
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
-GRID = ("act_batch", "act_height", "act_width", "act_emb")
 LN_EPS = 1e-6
 
 
@@ -76,7 +81,7 @@ def fourier_position_encoding(height: int, width: int, hidden_dim: int = 32,
 
 
 def _layer_scale(module: nn.Module, name: str, init_value: float, features: int) -> jax.Array:
-    return module.param(name, nn.with_logical_partitioning(nn.initializers.constant(init_value), ("embed",)),
+    return module.param(name, with_logical_partitioning(nn.initializers.constant(init_value), ("embed",)),
                         (features,), module.param_dtype)
 
 
@@ -113,20 +118,20 @@ class CrossCovarianceAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: tokens [B, N, C] -> [B, N, C]."""
-        b, n, c = x.shape
+        c = x.shape[-1]
         dense = lambda features, axes, name, use_bias: nn.Dense(
             features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=nn.with_logical_partitioning(DENSE_INIT, axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
-        qkv = dense(3 * c, ("embed", "heads"), "qkv", self.qkv_bias)(x).reshape(b, n, 3, self.num_heads, -1)
+            kernel_init=with_logical_partitioning(DENSE_INIT, axes),
+            bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+        qkv = dense(3 * c, ("embed", "heads"), "qkv", self.qkv_bias)(x)
         # Channels become the sequence: [B, C/h, heads, N].
-        q, k, v = (qkv[:, :, i].transpose(0, 3, 2, 1) for i in range(3))
+        q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b d h n", three=3, h=self.num_heads)
         normalize = lambda t: t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
-        temperature = self.param("temperature", nn.with_logical_partitioning(nn.initializers.ones, ("heads",)),
+        temperature = self.param("temperature", with_logical_partitioning(nn.initializers.ones, ("heads",)),
                                  (self.num_heads,), self.param_dtype)
         q = normalize(q) * temperature.astype(q.dtype)[:, None]
         out = dot_product_attention(q, normalize(k), v, scale=1.0, implementation=self.attn_impl)
-        out = out.transpose(0, 3, 2, 1).reshape(b, n, c)
+        out = einops.rearrange(out, "b d h n -> b n (h d)")
         return dense(c, ("heads", "embed"), "proj", True)(out)
 
 
@@ -168,7 +173,7 @@ class SDTAEncoder(nn.Module):
         if self.use_pos_emb:
             pos = jnp.asarray(fourier_position_encoding(h, w), self.dtype)[None]
             y = y + Conv2d(c, 1, use_bias=True, name="pos_embd", **kw)(pos)
-        tokens = y.reshape(b, h * w, c)
+        tokens = grid_to_tokens(y)
         attn = CrossCovarianceAttention(self.num_heads, attn_impl=self.attn_impl, name="xca", **kw)(
             layer_norm(LN_EPS, name="norm_xca", **kw)(tokens))
         if self.layer_scale > 0:
@@ -213,10 +218,10 @@ class EdgeNeXtStage(nn.Module):
             else:
                 x = SDTAEncoder(self.num_heads, self.scales, self.use_pos_emb, self.expand_ratio, self.layer_scale,
                                 rates[i], self.attn_impl, name=f"blocks_{i}", **kw)(x, train=train)
-        return nn.with_logical_constraint(x, GRID)
+        return nn.with_logical_constraint(x, MAP)
 
 
-class EdgeNeXt(nn.Module):
+class EdgeNeXt(ImageClassifier):
     """EdgeNeXt: patchify stem, four stages of conv encoders + SDTA encoders, pooled LayerNorm head."""
 
     dims: Sequence[int] = (24, 48, 88, 168)
@@ -228,12 +233,7 @@ class EdgeNeXt(nn.Module):
     use_pos_emb: Sequence[bool] = (False, True, False, False)
     expand_ratio: float = 4.0
     layer_scale: float = 1e-6
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -246,29 +246,26 @@ class EdgeNeXt(nn.Module):
                           rates[i], self.attn_impl, **kw)
             for i in range(len(self.dims))]
         self.norm = layer_norm(LN_EPS, **kw)
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes:
-            self.head = classifier_head(self.num_classes, **kw)
+        self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 
     @property
     def num_features(self) -> int:
         """Width of the pooled features."""
         return self.dims[-1]
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """Maps after the stem and after each stage; the pooled, normalised features."""
-        features = {"stem": self.stem_norm(self.stem_conv(x))}
-        x = features["stem"]
-        for i, stage in enumerate(self.stages):
-            x = features[f"stage{i + 1}"] = stage(x, train=train)
-        features["pooled"] = self.norm(jnp.mean(x, axis=(1, 2)))
-        return features
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The patchify stem and each stage (strides 4, 4, 8, 16, 32)."""
+        return (FeatureInfo("stem", self.dims[0], 4),
+                *(FeatureInfo(f"stage{i + 1}", dim, 4 * 2 ** i) for i, dim in enumerate(self.dims)))
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        pooled = self.forward_features(x, train=train)["pooled"]
-        if not self.num_classes:
-            return pooled
-        return self.head(self.head_drop(pooled, deterministic=not train))
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """Maps after the stem and after each stage."""
+        return run_stages(self.stem_norm(self.stem_conv(x)), self.stages, train=train)
+
+    def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """The pooled, normalised features."""
+        return {"pooled": self.norm(jnp.mean(features[f"stage{len(self.dims)}"], axis=(1, 2)))}
 
 
 # Parameters and GMACs ("MAdds") at 256 px and top-1: the official mmaaz60/EdgeNeXt README (its model table), which
@@ -289,8 +286,7 @@ VARIANTS = {
                       PaperFigures(18.511292, 3.84, 82.5, _SOURCE.format(v="base", p=18.51, n="B", g=3.828))),
 }
 
-for _name, (_fields, _paper) in VARIANTS.items():
-    register_model(_name, EdgeNeXt, _fields, category="hierarchical", input_size=256, paper=_paper)
+register_variants(EdgeNeXt, VARIANTS, category="hierarchical", input_size=256)
 
 # Both encoders, the position encoding, two- and three-group splits (22 = 11 + 11 = 8 + 8 + 6, the last group
 # short), one block per stage, a few ten thousand parameters. One width everywhere keeps the number of distinct

@@ -29,7 +29,8 @@ the padded width. Stochastic depth uses one rate for every residual branch, as t
 official code and timm do (not a linear schedule).
 """
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,13 +39,16 @@ import numpy as np
 
 from hybrid_jax.layers.act import get_act
 from hybrid_jax.layers.attention import dot_product_attention
+from hybrid_jax.layers.axes import MAP, with_logical_partitioning
 from hybrid_jax.layers.conv import ConvNormAct
 from hybrid_jax.layers.drop import DropPath
+from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.mlp import DENSE_INIT, HEAD_INIT
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.layers.model import ImageClassifier, run_stages
+from hybrid_jax.layers.patch import grid_to_tokens
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
-GRID = ("act_batch", "act_height", "act_width", "act_emb")
 BN_EPS = 1e-5  # PyTorch's BatchNorm default
 
 
@@ -53,8 +57,8 @@ def _batch_norm(axis_name: str | None, *, train: bool, zero_init: bool = False, 
     scale = nn.initializers.zeros if zero_init else nn.initializers.ones
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS, dtype=dtype,
                         param_dtype=param_dtype, name=name,
-                        scale_init=nn.with_logical_partitioning(scale, (axis_name,)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)))
+                        scale_init=with_logical_partitioning(scale, (axis_name,)),
+                        bias_init=with_logical_partitioning(nn.initializers.zeros, (axis_name,)))
 
 
 class LinearNorm(nn.Module):
@@ -69,7 +73,7 @@ class LinearNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = nn.Dense(self.features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="linear",
-                     kernel_init=nn.with_logical_partitioning(DENSE_INIT, self.axes))(x)
+                     kernel_init=with_logical_partitioning(DENSE_INIT, self.axes))(x)
         return _batch_norm(self.axes[1], train=train, zero_init=self.zero_init, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="bn")(x)
 
@@ -126,7 +130,7 @@ class LevitAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch, height, width, channels = x.shape
         kd, vd, heads = self.key_dim, int(self.attn_ratio * self.key_dim), self.num_heads
-        tokens = x.reshape(batch, height * width, channels)
+        tokens = grid_to_tokens(x)
         if self.stride == 1:
             qkv = LinearNorm(heads * (2 * kd + vd), ("embed", "heads"), name="qkv", **kw)(tokens, train=train)
             q, k, v = jnp.split(qkv.reshape(batch, -1, heads, 2 * kd + vd), [kd, 2 * kd], axis=-1)
@@ -137,8 +141,8 @@ class LevitAttention(nn.Module):
             sub = x[:, ::self.stride, ::self.stride]
             out_grid = sub.shape[1:3]
             q = LinearNorm(heads * kd, ("embed", "heads"), name="q", **kw)(
-                sub.reshape(batch, -1, channels), train=train).reshape(batch, -1, heads, kd)
-        table = self.param("attention_biases", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", None)),
+                grid_to_tokens(sub), train=train).reshape(batch, -1, heads, kd)
+        table = self.param("attention_biases", with_logical_partitioning(nn.initializers.zeros, ("heads", None)),
                            (heads, self.table_grid[0] * self.table_grid[1]), self.param_dtype)
         bias = table[:, attention_bias_index((height, width), self.table_grid, self.stride)]
         out = dot_product_attention(q, k, v, bias, scale=kd ** -0.5, implementation=self.attn_impl)
@@ -244,7 +248,7 @@ class LevitStage(nn.Module):
         for i in range(self.depth):
             x = LevitBlock(self.key_dim, self.num_heads, self.attn_ratio, self.mlp_ratio, grid,
                            name=f"blocks_{i}", **kw)(x, train=train)
-        return nn.with_logical_constraint(x, GRID)
+        return nn.with_logical_constraint(x, MAP)
 
 
 class NormLinear(nn.Module):
@@ -260,11 +264,11 @@ class NormLinear(nn.Module):
         x = _batch_norm("embed", train=train, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="linear",
-                        kernel_init=nn.with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)))(x)
+                        kernel_init=with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
+                        bias_init=with_logical_partitioning(nn.initializers.zeros, ("classes",)))(x)
 
 
-class Levit(nn.Module):
+class Levit(ImageClassifier):
     """LeViT: conv stem (stride 16), three attention stages joined by shrinking attention, BN+Linear heads."""
 
     img_size: int = 224
@@ -278,12 +282,8 @@ class Levit(nn.Module):
     down_mlp_ratio: float = 2.0
     act: str = "hard_swish"
     distilled: bool = True  # a second (distillation) head, averaged with the first
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0  # the same rate on every residual branch, as the official code
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    # drop_path_rate: the same rate on every residual branch, as the official code
 
     stem_stride = 16
 
@@ -308,15 +308,17 @@ class Levit(nn.Module):
             if self.distilled:
                 self.head_dist = NormLinear(self.num_classes, self.drop_rate, **kw)
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """The stem's map, each stage's map (NHWC) and the average-pooled features."""
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The stem (stride 16) and each stage (strides 16, 32, 64; the shrinking attention rounds sides up)."""
+        return (FeatureInfo("stem", self.embed_dim[0], self.stem_stride),
+                *(FeatureInfo(f"stage{i + 1}", dim, self.stem_stride * 2 ** i) for i, dim in enumerate(self.embed_dim)))
+
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """The stem's map and each stage's map."""
         for conv in self.stem:
             x = conv(x, train=train)
-        features = {"stem": x}
-        for i, stage in enumerate(self.stages):
-            x = features[f"stage{i}"] = stage(x, train=train)
-        features["pooled"] = jnp.mean(x, axis=(1, 2))
-        return features
+        return run_stages(x, self.stages, train=train)
 
     def forward_heads(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
         """Class-head and distillation-head logits separately, for training against a teacher (DeiT-style)."""
@@ -325,14 +327,11 @@ class Levit(nn.Module):
         pooled = self.forward_features(x, train=train)["pooled"]
         return self.head(pooled, train=train), self.head_dist(pooled, train=train)
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        pooled = self.forward_features(x, train=train)["pooled"]
-        if not self.num_classes:
-            return pooled
-        logits = self.head(pooled, train=train)
+    def forward_head(self, features: dict[str, jax.Array], *, train: bool) -> jax.Array:
+        """The class head's logits, or with distillation both heads' mean (timm's LevitDistilled at inference)."""
+        logits = self.head(features["pooled"], train=train)
         if self.distilled:
-            # As timm's LevitDistilled outside distillation training: the two heads averaged.
-            logits = (logits + self.head_dist(pooled, train=train)) / 2
+            logits = (logits + self.head_dist(features["pooled"], train=train)) / 2
         return logits
 
 
@@ -355,10 +354,9 @@ _CONFIGS = {
     "384": (dict(embed_dim=(384, 512, 768), key_dim=32, num_heads=(6, 9, 12), depth=(4, 4, 4)), 39.13, 2353, 82.6),
 }
 
-for _name, (_fields, _params, _macs, _top1) in _CONFIGS.items():
-    register_model(f"levit_{_name}", Levit, _fields, category="serial",
-                   paper=PaperFigures(_params, _macs / 1000, _top1,
-                                      _SOURCE.format(name=_name, params=_params, macs=_macs)))
+VARIANTS = {f"levit_{name}": (fields, PaperFigures(params, macs / 1000, top1, _SOURCE.format(
+    name=name, params=params, macs=macs))) for name, (fields, params, macs, top1) in _CONFIGS.items()}
+register_variants(Levit, VARIANTS, category="serial")
 
 # A tiny variant for the registry-wide tests: 64 px -> a 4x4 map, then 2x2 after the shrinking attention. Two
 # stages only: a third would run on a 1x1 map, where attention has one key and its biases get no gradient.

@@ -35,23 +35,27 @@ stage's map must divide by them, as in the official code.
 """
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.act import get_act
 from hybrid_jax.layers.attention import MultiHeadAttention
+from hybrid_jax.layers.axes import MAP, with_logical_partitioning
 from hybrid_jax.layers.conv import Conv2d, SqueezeExcite
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
-from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier_head
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier
+from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.norm import layer_norm, norm_2d
 from hybrid_jax.layers.relpos import RelPosBias
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
-MAP = ("act_batch", "act_height", "act_width", "act_emb")
 BLOCK_TYPES = ("C", "T", "M")
 
 
@@ -77,32 +81,33 @@ def stage_sizes(img_size: int, num_stages: int = 4) -> list[int]:
     return sizes
 
 
+# Block windows are contiguous size[0] x size[1] patches; grid groups are size[0] x size[1] pixels spread evenly
+# over the map (strided by n = side / size). Both give [B * n_h * n_w, size[0] * size[1], C] token sets.
+_WINDOWS = "b (nh sh) (nw sw) c"
+_GRID = "b (sh nh) (sw nw) c"
+_SETS = "(b nh nw) (sh sw) c"
+
+
 def window_partition(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """[B, H, W, C] into non-overlapping size[0] x size[1] windows: [B * windows, size[0] * size[1], C]."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // size[0], size[0], w // size[1], size[1], c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, size[0] * size[1], c)
+    return einops.rearrange(x, f"{_WINDOWS} -> {_SETS}", sh=size[0], sw=size[1])
 
 
 def window_merge(windows: jax.Array, size: tuple[int, int], shape: tuple[int, ...]) -> jax.Array:
     """Inverse of `window_partition` for a map of `shape` [B, H, W, C]."""
-    b, h, w, c = shape
-    x = windows.reshape(b, h // size[0], w // size[1], size[0], size[1], c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, c)
+    return einops.rearrange(windows, f"{_SETS} -> {_WINDOWS}", sh=size[0], sw=size[1], nh=shape[1] // size[0],
+                            nw=shape[2] // size[1])
 
 
 def grid_partition(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """[B, H, W, C] into groups of size[0] x size[1] tokens spaced H / size[0] apart: [B * groups, size product, C]."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, size[0], h // size[0], size[1], w // size[1], c).transpose(0, 2, 4, 1, 3, 5)
-    return x.reshape(-1, size[0] * size[1], c)
+    return einops.rearrange(x, f"{_GRID} -> {_SETS}", sh=size[0], sw=size[1])
 
 
 def grid_merge(groups: jax.Array, size: tuple[int, int], shape: tuple[int, ...]) -> jax.Array:
     """Inverse of `grid_partition` for a map of `shape` [B, H, W, C]."""
-    b, h, w, c = shape
-    x = groups.reshape(b, h // size[0], w // size[1], size[0], size[1], c).transpose(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, h, w, c)
+    return einops.rearrange(groups, f"{_SETS} -> {_GRID}", sh=size[0], sw=size[1], nh=shape[1] // size[0],
+                            nw=shape[2] // size[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +327,7 @@ class Stage(nn.Module):
         return nn.with_logical_constraint(x, MAP)
 
 
-class MaxxVit(nn.Module):
+class MaxxVit(ImageClassifier):
     """CoAtNet / MaxViT: a two-conv stem, four stride-2 stages of C / T / M blocks, pooled classifier head."""
 
     embed_dims: Sequence[int] = (96, 192, 384, 768)
@@ -354,11 +359,6 @@ class MaxxVit(nn.Module):
     attn_act: str = "gelu"
     attn_norm_eps: float = 1e-6
     attn_impl: str = "auto"  # xla | cudnn | auto
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @property
     def block_config(self) -> BlockConfig:
@@ -386,30 +386,27 @@ class MaxxVit(nn.Module):
                        in zip(self.block_types, self.depths, self.embed_dims, sizes, rates)]
         self.norm = layer_norm(self.attn_norm_eps, **kw)
         if self.head_hidden:
-            self.pre_logits = nn.Dense(self.head_hidden, kernel_init=nn.with_logical_partitioning(DENSE_INIT, (
-                "embed", "mlp")), bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)), **kw)
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes:
-            self.head = classifier_head(self.num_classes, **kw)
+            self.pre_logits = nn.Dense(self.head_hidden, kernel_init=with_logical_partitioning(DENSE_INIT, (
+                "embed", "mlp")), bias_init=with_logical_partitioning(nn.initializers.zeros, ("mlp",)), **kw)
+        self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """Maps after the stem and after each stage, and the pooled features (pre-logits where the head has them)."""
-        features = {"stem": self.stem(x, train=train)}
-        x = features["stem"]
-        for i, stage in enumerate(self.stages):
-            x = features[f"stage{i + 1}"] = stage(x, train=train)
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The stem (stride 2) and each stage (strides 4, 8, 16, 32; sides rounded up)."""
+        return (FeatureInfo("stem", self.stem_widths[1], 2),
+                *(FeatureInfo(f"stage{i + 1}", dim, 2 ** (i + 2))
+                  for i, (dim, _) in enumerate(zip(self.embed_dims, self.depths))))
+
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """Maps after the stem and after each stage."""
+        return run_stages(self.stem(x, train=train), self.stages, train=train)
+
+    def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """The pooled features: pool, norm, tanh pre-logits where the head has them; else norm, then pool."""
+        x = features[f"stage{len(self.stages)}"]
         if self.head_hidden:
-            pooled = jnp.tanh(self.pre_logits(self.norm(jnp.mean(x, axis=(1, 2)))))
-        else:
-            pooled = jnp.mean(self.norm(x), axis=(1, 2))
-        features["pooled"] = pooled
-        return features
-
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        pooled = self.forward_features(x, train=train)["pooled"]
-        if not self.num_classes:
-            return pooled
-        return self.head(self.head_drop(pooled, deterministic=not train))
+            return {"pooled": jnp.tanh(self.pre_logits(self.norm(jnp.mean(x, axis=(1, 2)))))}
+        return {"pooled": jnp.mean(self.norm(x), axis=(1, 2))}
 
 
 class CoAtNet(MaxxVit):
@@ -476,10 +473,8 @@ MAXVIT_VARIANTS = {
         119.0, 24.2, 84.95, _MAXVIT.format(name="maxvit_base_tf_224", timm="119.47M / 24.04 GMACs, top-1 84.88"))),
 }
 
-for _name, (_fields, _paper) in COATNET_VARIANTS.items():
-    register_model(_name, CoAtNet, _fields, category="serial", paper=_paper)
-for _name, (_fields, _paper) in MAXVIT_VARIANTS.items():
-    register_model(_name, MaxViT, _fields, category="hierarchical", paper=_paper)
+register_variants(CoAtNet, COATNET_VARIANTS, category="serial")
+register_variants(MaxViT, MAXVIT_VARIANTS, category="hierarchical")
 
 # Tiny variants for registry-wide and training tests (32 px): between them every block type and both head kinds,
 # with few parameters, because XLA's compile time on CPU grows with the number of parameters to initialise. One

@@ -33,32 +33,34 @@ registry therefore holds the official code's own counts, with the README's figur
 in the source string; the residual 0.6% matches no single further op.
 """
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.fusion.bridge import Bridge, MobileToFormer, linear
 from hybrid_jax.layers.attention import dot_product_attention
+from hybrid_jax.layers.axes import MAP, TOKENS, with_logical_partitioning
 from hybrid_jax.layers.conv import ConvNormAct
 from hybrid_jax.layers.drop import DropPath
 from hybrid_jax.layers.dyrelu import DynamicReLU
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.model import ImageClassifier
 from hybrid_jax.layers.norm import layer_norm, norm_2d
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
 BlockSpec = tuple[str, int, int, int, int]  # (kind: lite|down|block, expand1, out width, stride, expand2)
-
-TOKENS = ("act_batch", "act_len", "act_emb")
-MAP = ("act_batch", "act_height", "act_width", "act_emb")
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
     """ShuffleNet's channel shuffle: [.., groups * n] -> [.., n * groups], NHWC."""
     if groups <= 1:
         return x
-    return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups).swapaxes(-1, -2).reshape(x.shape)
+    return einops.rearrange(x, "... (g n) -> ... (n g)", g=groups)
 
 
 class Former(nn.Module):
@@ -203,7 +205,7 @@ class MergeClassifier(nn.Module):
         return nn.hard_swish(norm_2d("batch", train=train, name="fc_norm", **kw)(y))
 
 
-class MobileFormer(nn.Module):
+class MobileFormer(ImageClassifier):
     """Mobile-Former for ImageNet: stem, bneck-lite, Mobile-Former blocks, final Mobile -> Former, merged head."""
 
     blocks: Sequence[BlockSpec] = ()
@@ -215,16 +217,11 @@ class MobileFormer(nn.Module):
     groups: int = 1
     bridge_heads: int = 2
     former_heads: int = 4
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.tokens = self.param("tokens", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+        self.tokens = self.param("tokens", with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
                                  (self.token_num, self.token_dim), self.param_dtype)
         self.stem = ConvNormAct(self.stem_features, 3, strides=2, act="relu6", **kw)
         layers = []
@@ -244,8 +241,17 @@ class MobileFormer(nn.Module):
         if self.num_classes:
             self.head = linear(self.num_classes, ("embed", "classes"), **kw)
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """The stem map, each block's map (`block{i}`) and tokens (`block{i}_tokens`), final tokens, pooled."""
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The stem (stride 2) and each block's map. The global tokens lie on no grid, so they give no map."""
+        infos, stride = [FeatureInfo("stem", self.stem_features, 2)], 2
+        for i, (_, _, features, strides, _) in enumerate(self.blocks):
+            stride *= strides
+            infos.append(FeatureInfo(f"block{i + 1}", features, stride))
+        return tuple(infos)
+
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """The stem map, then each block's map (`block{i}`) and global tokens (`block{i}_tokens` [B, M, D])."""
         tokens = jnp.broadcast_to(self.tokens, (x.shape[0],) + self.tokens.shape)
         x = self.stem(x, train=train)
         features = {"stem": x}
@@ -255,15 +261,14 @@ class MobileFormer(nn.Module):
             else:
                 x, tokens = layer(x, tokens, train=train)
             features[f"block{i + 1}"], features[f"block{i + 1}_tokens"] = x, tokens
-        features["tokens"] = tokens = self.local_global(x, tokens, train=train)
-        features["pooled"] = self.classifier(x, tokens, train=train)
         return features
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        pooled = self.forward_features(x, train=train)["pooled"]
-        if not self.num_classes:
-            return pooled
-        return self.head(self.head_drop(pooled, deterministic=not train))
+    def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """The final Mobile -> Former tokens ("tokens") and the merged head's features ("pooled")."""
+        last = len(self.blocks)
+        x, tokens = features[f"block{last}"], features[f"block{last}_tokens"]
+        tokens = self.local_global(x, tokens, train=train)
+        return {"tokens": tokens, "pooled": self.classifier(x, tokens, train=train)}
 
 
 # The official model table (mobile_former.py): (kind, expand1, width, stride, expand2) per block.
@@ -308,10 +313,11 @@ _FIGURES = {  # params M, GMACs, top-1; README params M / MACs M
 _BN_NOTE = ("; our MACs come within 0.6% of the README's once BatchNorm counts 2 per element (fvcore's eval "
             "rule): see the module docstring")
 
-for _variant, (_blocks, _fields) in _BLOCKS.items():
-    _params, _gmacs, _top1, _readme = _FIGURES[_variant]
-    register_model(f"mobile_former_{_variant}", MobileFormer, dict(blocks=_blocks, **_fields), category="parallel",
-                   paper=PaperFigures(_params, _gmacs, _top1, _OFFICIAL + _readme + _BN_NOTE))
+VARIANTS = {
+    f"mobile_former_{variant}": (dict(blocks=blocks, **fields),
+                                 PaperFigures(*_FIGURES[variant][:3], _OFFICIAL + _FIGURES[variant][3] + _BN_NOTE))
+    for variant, (blocks, fields) in _BLOCKS.items()}
+register_variants(MobileFormer, VARIANTS, category="parallel")
 
 # For 28-32 px inputs (Fashion-MNIST, CIFAR) and fast tests: stride 8 overall, 3 tokens of width 32.
 register_model("mobile_former_tiny_32", MobileFormer, dict(

@@ -27,22 +27,25 @@ block and passes its rate to each of its transformer layers).
 """
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.attention import MultiHeadAttention
+from hybrid_jax.layers.axes import MAP, TOKENS
 from hybrid_jax.layers.conv import Conv2d, ConvNormAct, InvertedResidual
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
-from hybrid_jax.layers.mlp import Mlp, classifier_head
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.mlp import Mlp, classifier
+from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.norm import layer_norm
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
-TOKENS = ("act_batch", "act_len", "act_emb")
-GRID = ("act_batch", "act_height", "act_width", "act_emb")
 LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default, as timm and Hugging Face use here
 
 
@@ -59,18 +62,17 @@ def unfold(x: jax.Array, patch_size: int) -> tuple[jax.Array, tuple[int, int]]:
     Sides not divisible by `patch_size` are resized up to the next multiple first.
     Returns the sequences and the patch grid (n_h, n_w).
     """
-    b, h, w, c = x.shape
+    h, w = x.shape[1:3]
     n_h, n_w = math.ceil(h / patch_size), math.ceil(w / patch_size)
     x = _resize(x, n_h * patch_size, n_w * patch_size)
-    x = x.reshape(b, n_h, patch_size, n_w, patch_size, c).transpose(0, 2, 4, 1, 3, 5)
-    return x.reshape(b * patch_size * patch_size, n_h * n_w, c), (n_h, n_w)
+    return einops.rearrange(x, "b (nh ph) (nw pw) c -> (b ph pw) (nh nw) c", ph=patch_size, pw=patch_size), (n_h, n_w)
 
 
 def fold(x: jax.Array, grid: tuple[int, int], patch_size: int, size: tuple[int, int]) -> jax.Array:
     """Inverse of `unfold`: [B * p * p, N, C] -> [B, H, W, C] (resized back to `size` if unfold resized)."""
-    (n_h, n_w), c = grid, x.shape[-1]
-    x = x.reshape(-1, patch_size, patch_size, n_h, n_w, c).transpose(0, 3, 1, 4, 2, 5)
-    return _resize(x.reshape(-1, n_h * patch_size, n_w * patch_size, c), *size)
+    x = einops.rearrange(x, "(b ph pw) (nh nw) c -> b (nh ph) (nw pw) c", ph=patch_size, pw=patch_size, nh=grid[0],
+                         nw=grid[1])
+    return _resize(x, *size)
 
 
 class TransformerBlock(nn.Module):
@@ -127,7 +129,7 @@ class MobileViTBlock(nn.Module):
         y = fold(tokens, grid, self.patch_size, size)
         y = conv(width, 1, "conv_proj")(y, train=train)
         y = conv(width, self.kernel_size, "conv_fusion")(jnp.concatenate([x.astype(y.dtype), y], axis=-1), train=train)
-        return nn.with_logical_constraint(y, GRID)
+        return nn.with_logical_constraint(y, MAP)
 
 
 class MobileViTStage(nn.Module):
@@ -160,10 +162,10 @@ class MobileViTStage(nn.Module):
             x = MobileViTBlock(self.transformer_dim, self.transformer_depth, self.patch_size, self.num_heads,
                                self.mlp_ratio, drop_rate=self.drop_rate, drop_path=rates[self.depth],
                                attn_impl=self.attn_impl, name=f"blocks_{self.depth}", **kw)(x, train=train)
-        return nn.with_logical_constraint(x, GRID)
+        return nn.with_logical_constraint(x, MAP)
 
 
-class MobileViT(nn.Module):
+class MobileViT(ImageClassifier):
     """MobileViT: 3x3 stem, two MobileNetV2 stages, three MobileViT stages, 1x1 expansion conv, pooled head."""
 
     stem_width: int = 16
@@ -177,12 +179,7 @@ class MobileViT(nn.Module):
     num_heads: int = 4
     mlp_ratio: float = 2.0
     num_features: int = 640  # width of the final 1x1 conv, i.e. of the pooled features
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -195,25 +192,25 @@ class MobileViT(nn.Module):
                            self.mlp_ratio, self.drop_rate, rates[i], self.attn_impl, **kw)
             for i in range(len(self.widths))]
         self.final_conv = ConvNormAct(self.num_features, 1, act="silu", **kw)
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes:
-            self.head = classifier_head(self.num_classes, **kw)
+        self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """Maps after the stem, after each stage and after the final 1x1 conv; the pooled features."""
-        features = {"stem": self.stem(x, train=train)}
-        x = features["stem"]
-        for i, stage in enumerate(self.stages):
-            x = features[f"stage{i + 1}"] = stage(x, train=train)
-        x = features["final_conv"] = self.final_conv(x, train=train)
-        features["pooled"] = jnp.mean(x, axis=(1, 2))
-        return features
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The stem (stride 2) and each stage (strides 2, 4, 8, 16, 32 in every variant)."""
+        infos, stride = [FeatureInfo("stem", self.stem_width, 2)], 2
+        for i, (width, strides) in enumerate(zip(self.widths, self.strides)):
+            stride *= strides
+            infos.append(FeatureInfo(f"stage{i + 1}", width, stride))
+        return tuple(infos)
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        pooled = self.forward_features(x, train=train)["pooled"]
-        if not self.num_classes:
-            return pooled
-        return self.head(self.head_drop(pooled, deterministic=not train))
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """Maps after the stem and after each stage."""
+        return run_stages(self.stem(x, train=train), self.stages, train=train)
+
+    def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """The map after the final 1x1 conv and its spatial mean, the pooled features."""
+        x = self.final_conv(features[f"stage{len(self.widths)}"], train=train)
+        return {"final_conv": x, "pooled": jnp.mean(x, axis=(1, 2))}
 
 
 # Parameters: timm's exact count (the paper rounds to 1.3M / 2.3M / 5.6M). GMACs at 256 px, attention matmuls
@@ -233,8 +230,7 @@ VARIANTS = {
     "mobilevit_s": (dict(), PaperFigures(5.578632, 2.03, 78.4, _SOURCE.format(v="s", p=5.6, g=2.001, n="S"))),
 }
 
-for _name, (_fields, _paper) in VARIANTS.items():
-    register_model(_name, MobileViT, _fields, category="hierarchical", input_size=256, paper=_paper)
+register_variants(MobileViT, VARIANTS, category="hierarchical", input_size=256)
 
 # Every block kind at a few ten thousand parameters, one MobileViT block and one width, so that compiling (and the
 # registry tests' eager per-shape weight noise) stays fast on CPU. At 40 px the MobileViT block's map is 5 x 5, so

@@ -40,20 +40,25 @@ No paper figures exist for these configurations (paper=None in the registry).
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.fusion import Fusion, get_fusion, get_fusion_class
-from hybrid_jax.layers.conv import RESIDUAL_BLOCKS, ConvNormAct, ResNetStage
+from hybrid_jax.layers.axes import with_logical_partitioning
+from hybrid_jax.layers.conv import RESIDUAL_BLOCKS, ConvNormAct, ResNetStage, max_pool_3x3
 from hybrid_jax.layers.drop import drop_path_schedule
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.inputs import check_divisible
 from hybrid_jax.layers.mlp import classifier_head
+from hybrid_jax.layers.model import BranchClassifier
 from hybrid_jax.layers.norm import layer_norm
-from hybrid_jax.layers.patch import PatchEmbed, resample_pos_embed
+from hybrid_jax.layers.patch import PatchEmbed, grid_to_tokens, prepend_tokens, resample_pos_embed
 from hybrid_jax.models.vit import Block
-from hybrid_jax.registry import register_model
+from hybrid_jax.registry import register_variants
 
 Dtype = Any
 
@@ -74,11 +79,11 @@ class Stem(nn.Module):
         x = ConvNormAct(self.features, kernel, strides, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="conv")(x, train=train)
         if self.stride == 4:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool_3x3(x)
         return x
 
 
-class ParallelHybrid(nn.Module):
+class ParallelHybrid(BranchClassifier):
     """CNN and ViT branches side by side, exchanging features after the stages in `fusion_stages`."""
 
     img_size: int = 224  # where the position embedding is learned; other sizes resample it
@@ -96,12 +101,7 @@ class ParallelHybrid(nn.Module):
     qkv_bias: bool = True
     fusion: str = "gating"  # concat|add|gating|cross_attention|fcu|bridge, or one per fusion stage: "concat,add"
     fusion_stages: Sequence[int] = (1, 2, 3)  # stages (1-based) after which the branches meet; () keeps them apart
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         self._check_config()
@@ -112,10 +112,10 @@ class ParallelHybrid(nn.Module):
                        for depth, width, stride, rates in zip(self.layers, self.widths, self.strides, cnn_rates)]
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, **kw)
         token_axes = (None, None, "embed")
-        self.cls_token = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.zeros, token_axes),
+        self.cls_token = self.param("cls_token", with_logical_partitioning(nn.initializers.zeros, token_axes),
                                     (1, 1, self.embed_dim), self.param_dtype)
         num_tokens = 1 + (self.img_size // self.token_stride) ** 2
-        self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), token_axes),
+        self.pos_embed = self.param("pos_embed", with_logical_partitioning(nn.initializers.normal(0.02), token_axes),
                                     (1, num_tokens, self.embed_dim), self.param_dtype)
         self.pos_drop = nn.Dropout(self.drop_rate)
         rates = [rate for stage in drop_path_schedule(self.drop_path_rate, self.depths) for rate in stage]
@@ -184,22 +184,25 @@ class ParallelHybrid(nn.Module):
 
     def _embed(self, stem: jax.Array, *, train: bool) -> jax.Array:
         grid = self.patch_embed(stem)
-        batch, height, width, dim = grid.shape
-        pos_embed = resample_pos_embed(self.pos_embed, (height, width))
-        cls = jnp.broadcast_to(self.cls_token, (batch, 1, dim)).astype(grid.dtype)
-        tokens = jnp.concatenate([cls, grid.reshape(batch, height * width, dim)], axis=1)
+        pos_embed = resample_pos_embed(self.pos_embed, grid.shape[1:3])
+        tokens = prepend_tokens(grid_to_tokens(grid), self.cls_token)
         return self.pos_drop(tokens + pos_embed.astype(grid.dtype), deterministic=not train)
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """Per stage both branches after fusion ("cnn{i}" maps, "transformer{i}" tokens), and the pooled features.
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The stem, then both branches after each stage (after its fusion): "cnn{i}" and "transformer{i}"."""
+        width, stride = self.widths, self.stem_stride
+        infos = [FeatureInfo("stem", self.stem_width, stride)]
+        for i in range(self.num_stages):
+            stride *= self.strides[i]
+            infos += [FeatureInfo(f"cnn{i + 1}", width[i] * RESIDUAL_BLOCKS[self.block].expansion, stride, "cnn"),
+                      FeatureInfo(f"transformer{i + 1}", self.embed_dim, self.token_stride, "transformer",
+                                  num_prefix_tokens=1)]
+        return tuple(infos)
 
-        Also "stem", "tokens" (the normed final tokens), "cnn_pooled", "transformer_pooled" and
-        "pooled" (the two concatenated).
-        """
-        height, width = x.shape[1:3]
-        if height % self.stride or width % self.stride:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the model's stride {self.stride}; "
-                             f"resize or crop the input to a multiple of {self.stride}")
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """The stem, then per stage both branches after its fusion: "cnn{i}" maps and "transformer{i}" tokens."""
+        check_divisible(x, self.stride, "the model's stride")
         local = self.stem(x, train=train)
         features = {"stem": local}
         tokens = self._embed(local, train=train)
@@ -212,30 +215,21 @@ class ParallelHybrid(nn.Module):
             if i + 1 in self.fusions:
                 local, tokens = self.fusions[i + 1](local, tokens, train=train)
             features[f"cnn{i + 1}"], features[f"transformer{i + 1}"] = local, tokens
-        features["tokens"] = tokens = self.trans_norm(tokens)
-        features["cnn_pooled"] = jnp.mean(local, axis=(1, 2))
-        features["transformer_pooled"] = tokens[:, 0]
-        features["pooled"] = jnp.concatenate(
-            [features["cnn_pooled"], features["transformer_pooled"].astype(local.dtype)], axis=-1)
         return features
 
-    def _heads(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
-        if not self.num_classes:
-            raise ValueError("branch logits need a classifier; this model was built with num_classes=0")
+    def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """The normed final tokens, "cnn_pooled", "transformer_pooled" (the normed class token), both as "pooled"."""
+        last = self.num_stages
+        local, tokens = features[f"cnn{last}"], self.trans_norm(features[f"transformer{last}"])
+        pooled = {"cnn_pooled": jnp.mean(local, axis=(1, 2)), "transformer_pooled": tokens[:, 0]}
+        return {"tokens": tokens, **pooled, "pooled": jnp.concatenate(
+            [pooled["cnn_pooled"], pooled["transformer_pooled"].astype(local.dtype)], axis=-1)}
+
+    def branch_heads(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """Each branch's own logits after dropout, {"cnn": [B, classes], "transformer": [B, classes]}."""
         drop = lambda y: self.head_drop(y, deterministic=not train)
         return {"cnn": self.conv_cls_head(drop(features["cnn_pooled"])),
                 "transformer": self.trans_cls_head(drop(features["transformer_pooled"]))}
-
-    def branch_logits(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-        """Each branch's own logits, {"cnn": [B, classes], "transformer": [B, classes]}; __call__ averages them."""
-        return self._heads(self.forward_features(x, train=train), train=train)
-
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        features = self.forward_features(x, train=train)
-        if not self.num_classes:
-            return features["pooled"]
-        logits = self._heads(features, train=train)
-        return (logits["cnn"] + logits["transformer"]) / 2
 
 
 # The variants put tokens at the CNN's final stride (4 at 32 px, 16 at 224 px), so every fusion fits every stage.
@@ -253,14 +247,13 @@ _SMALL = dict(img_size=32, stem_width=32, stem_stride=2, layers=(2, 2, 2, 2), wi
 _S_224 = dict(img_size=224, stem_width=64, stem_stride=4, layers=(2, 2, 2, 2), widths=(64, 128, 256, 384),
               strides=(1, 2, 2, 1), patch_size=4, embed_dim=256, depths=(2, 2, 2, 2), num_heads=4)
 _TCCNET = dict(fusion="concat,cross_attention", fusion_stages=(1, 4))  # LFCM after stage 1, HFCM after stage 4
-VARIANTS = {
-    "parallel_hybrid_tiny": (_TINY, 32),
-    "parallel_hybrid_tiny_28": (_TINY_28, 28),
-    "parallel_hybrid_small": (_SMALL, 32),
-    "tccnet_tiny": ({**_TINY, **_TCCNET}, 32),
-    "parallel_hybrid_s_224": (_S_224, 224),
-    "tccnet_s_224": ({**_S_224, **_TCCNET}, 224),
+VARIANTS = {  # no paper figures: input size = img_size
+    "parallel_hybrid_tiny": (_TINY, None),
+    "parallel_hybrid_tiny_28": (_TINY_28, None),
+    "parallel_hybrid_small": (_SMALL, None),
+    "tccnet_tiny": ({**_TINY, **_TCCNET}, None),
+    "parallel_hybrid_s_224": (_S_224, None),
+    "tccnet_s_224": ({**_S_224, **_TCCNET}, None),
 }
 
-for _name, (_fields, _size) in VARIANTS.items():
-    register_model(_name, ParallelHybrid, _fields, category="parallel", input_size=_size)
+register_variants(ParallelHybrid, VARIANTS, category="parallel")

@@ -9,23 +9,25 @@ Inputs of another size than `img_size` run with the position embedding resampled
 on the fly (bicubic), so a model built at 224 can be evaluated or fine-tuned at 384.
 """
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.attention import MultiHeadAttention
+from hybrid_jax.layers.axes import TOKENS, with_logical_partitioning
 from hybrid_jax.layers.conv import ConvNormAct, ResNetStage
 from hybrid_jax.layers.drop import DropPath, LayerScale, drop_path_schedule
-from hybrid_jax.layers.mlp import Mlp, classifier_head
+from hybrid_jax.layers.features import FeatureInfo
+from hybrid_jax.layers.mlp import Mlp, classifier
+from hybrid_jax.layers.model import ImageClassifier
 from hybrid_jax.layers.norm import layer_norm
-from hybrid_jax.layers.patch import PatchEmbed, resample_pos_embed
-from hybrid_jax.registry import PaperFigures, register_model
+from hybrid_jax.layers.patch import PatchEmbed, grid_to_tokens, prepend_tokens, resample_pos_embed
+from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
-
-TOKENS = ("act_batch", "act_len", "act_emb")
 
 
 class Block(nn.Module):
@@ -76,7 +78,7 @@ class HybridStem(nn.Module):
         return maps
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(ImageClassifier):
     """ViT: patch (or CNN-stem) embedding, class token, learned positions, transformer blocks, head."""
 
     img_size: int = 224
@@ -89,30 +91,24 @@ class VisionTransformer(nn.Module):
     layer_scale: float | None = None
     hybrid_layers: Sequence[int] = ()  # ResNet stages before the patch projection (R50+ViT); () for plain ViT
     global_pool: str = "token"  # token | avg
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     attn_impl: str = "auto"  # xla | cudnn | auto
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.hybrid_stem = HybridStem(self.hybrid_layers, **kw) if self.hybrid_layers else None
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, **kw)
-        self.cls_token = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+        self.cls_token = self.param("cls_token",
+                                    with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
                                     (1, 1, self.embed_dim), self.param_dtype)
         self.pos_embed = self.param("pos_embed",
-                                    nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
+                                    with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
                                     (1, 1 + self.grid_size ** 2, self.embed_dim), self.param_dtype)
         self.pos_drop = nn.Dropout(self.drop_rate)
         rates = drop_path_schedule(self.drop_path_rate, (self.depth,))[0]
         self.blocks = [Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, rate, self.layer_scale,
                              self.attn_impl, **kw) for rate in rates]
         self.norm = layer_norm(**kw)
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes:
-            self.head = classifier_head(self.num_classes, **kw)
+        self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 
     @property
     def stride(self) -> int:
@@ -124,27 +120,31 @@ class VisionTransformer(nn.Module):
         """Tokens per side at `img_size`."""
         return self.img_size // self.stride
 
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """Token maps after the embedding and after every block, the final tokens and the pooled features."""
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """R50+ViT: the ResNet's stem and stages (strides 4, 4, 8, 16); then every block's patch tokens as a map."""
+        stem = [FeatureInfo("stem", HybridStem.width, 4)] if self.hybrid_layers else []
+        stem += [FeatureInfo(f"stage{i + 1}", HybridStem.width * 2 ** i * 4, 4 * 2 ** i)
+                 for i in range(len(self.hybrid_layers))]
+        return (*stem, *(FeatureInfo(f"block{i}", self.embed_dim, self.stride, num_prefix_tokens=1)
+                         for i in range(self.depth)))
+
+    def forward_stages(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """The hybrid stem's maps, the patch grid, and the tokens [B, 1 + h*w, D] after every block."""
         features = self.hybrid_stem(x, train=train) if self.hybrid_stem else {}
         grid = self.patch_embed(features[f"stage{len(self.hybrid_layers)}"] if self.hybrid_stem else x)
         features["patch_embed"] = grid
-        batch, height, width, dim = grid.shape
-        pos_embed = resample_pos_embed(self.pos_embed, (height, width))
-        cls = jnp.broadcast_to(self.cls_token, (batch, 1, dim)).astype(grid.dtype)
-        x = jnp.concatenate([cls, grid.reshape(batch, height * width, dim)], axis=1) + pos_embed.astype(grid.dtype)
+        pos_embed = resample_pos_embed(self.pos_embed, grid.shape[1:3])
+        x = prepend_tokens(grid_to_tokens(grid), self.cls_token) + pos_embed.astype(grid.dtype)
         x = self.pos_drop(x, deterministic=not train)
         for i, block in enumerate(self.blocks):
             x = features[f"block{i}"] = block(x, train=train)
-        x = features["tokens"] = self.norm(x)
-        features["pooled"] = x[:, 0] if self.global_pool == "token" else jnp.mean(x[:, 1:], axis=1)
         return features
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        pooled = self.forward_features(x, train=train)["pooled"]
-        if not self.num_classes:
-            return pooled
-        return self.head(self.head_drop(pooled, deterministic=not train))
+    def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        """The normed final tokens and the pooled features: the class token, or the mean of the patch tokens."""
+        x = self.norm(features[f"block{self.depth - 1}"])
+        return {"tokens": x, "pooled": x[:, 0] if self.global_pool == "token" else jnp.mean(x[:, 1:], axis=1)}
 
 
 _SIZES = {
@@ -165,17 +165,20 @@ VARIANTS = {
     "vit_small_patch16_224": (_SIZES["small"], PaperFigures(22.050664, 4.61, 81.402, _TIMM + _AUGREG)),
     "vit_base_patch16_224": (_SIZES["base"], PaperFigures(86.567656, 17.58, 84.534, _TIMM + _AUGREG)),
     "vit_large_patch16_224": (_SIZES["large"], PaperFigures(304.326632, 61.6, 85.856, _TIMM + _AUGREG)),
-    "vit_base_patch32_224": (dict(_SIZES["base"], patch_size=32), PaperFigures(88.224232, 4.41, 80.732, _TIMM + _AUGREG)),
+    "vit_base_patch32_224": (dict(_SIZES["base"], patch_size=32),
+                             PaperFigures(88.224232, 4.41, 80.732, _TIMM + _AUGREG)),
     # DeiT is the ViT architecture trained with a data-efficient recipe.
     "deit_tiny_patch16_224": (_SIZES["tiny"], PaperFigures(5.717416, 1.26, 72.2, _TIMM + _DEIT)),
     "deit_small_patch16_224": (_SIZES["small"], PaperFigures(22.050664, 4.61, 79.8, _TIMM + _DEIT)),
     "deit_base_patch16_224": (_SIZES["base"], PaperFigures(86.567656, 17.58, 81.8, _TIMM + _DEIT)),
+}
+HYBRID_VARIANTS = {
     "vit_base_r50_s16_224": (dict(_SIZES["base"], patch_size=1, hybrid_layers=(3, 4, 9)),
                              PaperFigures(97.89 + 0.769, 21.66, None, _HYBRID)),
 }
 
-for _name, (_fields, _paper) in VARIANTS.items():
-    register_model(_name, VisionTransformer, _fields, category="serial" if "r50" in _name else "vit", paper=_paper)
+register_variants(VisionTransformer, VARIANTS, category="vit")
+register_variants(VisionTransformer, HYBRID_VARIANTS, category="serial")
 
 # Tiny variants for registry-wide and training tests.
 register_model("test_vit", VisionTransformer, dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,

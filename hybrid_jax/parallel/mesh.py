@@ -1,7 +1,7 @@
 """Builds the ('data', 'fsdp', 'tensor') device mesh from config sizes."""
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np

@@ -1,7 +1,8 @@
 """Where a run's arrays live, and jitted steps that trace with the logical axis rules in scope."""
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -6,7 +6,8 @@ does not divide stays unsharded rather than failing, so the same rules serve a
 ResNet stem with 3 input channels and a ViT-L.
 """
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import numpy as np

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax.layers.axes import with_logical_partitioning
+
 Dtype = Any
 
 
@@ -36,15 +38,15 @@ class ReidModel(nn.Module):
         features = self.backbone(x, train=train)
         embedding = nn.BatchNorm(
             use_running_average=not train, use_bias=False, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-            param_dtype=self.param_dtype, scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            param_dtype=self.param_dtype, scale_init=with_logical_partitioning(nn.initializers.ones, ("embed",)),
             name="bnneck")(features)
         logits = nn.Dense(
             self.num_classes, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(1e-3), ("embed", "classes")),
+            kernel_init=with_logical_partitioning(nn.initializers.normal(1e-3), ("embed", "classes")),
             name="classifier")(embedding)
         outputs = {"features": features, "embedding": embedding, "logits": logits}
         if self.center_loss:
             outputs["centers"] = self.param(
-                "centers", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("classes", "embed")),
+                "centers", with_logical_partitioning(nn.initializers.normal(1.0), ("classes", "embed")),
                 (self.num_classes, features.shape[-1]), self.param_dtype)
         return outputs

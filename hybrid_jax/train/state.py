@@ -1,6 +1,7 @@
 """The train state, created directly in its sharded layout."""
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct

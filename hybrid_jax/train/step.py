@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from hybrid_jax.data.augment import AugmentConfig, augment_batch, eval_batch
+from hybrid_jax.layers.model import BranchClassifier
 from hybrid_jax.train.config import HEAD_LOSSES
 from hybrid_jax.train.state import TrainState
 
@@ -19,9 +20,10 @@ def head_logits(model: nn.Module, variables: Any, images: jax.Array, *, train: b
     """Logits per classifier head and the updated batch statistics.
 
     Models with several heads (Conformer's CNN and transformer heads, parallel hybrids)
-    expose `branch_logits`; their mean is the prediction (`head_loss` says how they train).
+    are `BranchClassifier`s, whose `branch_logits` gives each; their mean is the prediction
+    (`head_loss` says how they train).
     """
-    method = "branch_logits" if hasattr(model, "branch_logits") else None
+    method = "branch_logits" if isinstance(model, BranchClassifier) else None
     out, updates = model.apply(variables, images, train=train, rngs=rngs, mutable=["batch_stats"], method=method)
     heads = out if isinstance(out, dict) else {"logits": out}
     return {name: logits.astype(jnp.float32) for name, logits in heads.items()}, updates.get("batch_stats", {})

@@ -21,8 +21,8 @@ needed), person id, camera id and file name.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds

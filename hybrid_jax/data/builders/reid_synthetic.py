@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
