@@ -5,8 +5,8 @@ at batch 64 (README, "Install and run"):
 - jaxlib 0.10 runs CPU convolutions through YNNPACK by default; XLA's own convolutions
   train these small-image hybrids 1.5-1.8x faster (ResNet-50 at 224 px: 1.7x in training,
   1.8x in inference), so YNNPACK is turned off for convolutions only (matrix products keep
-  it). GPU and TPU ignore the flag. Depthwise convolutions avoid both libraries on CPU
-  (`layers.conv.depthwise_conv_by_shifts`), which is faster still.
+  it). The flag is added for CPU-only runs alone (`cpu_only_run`). Depthwise convolutions
+  avoid both libraries on CPU (`layers.conv.depthwise_conv_by_shifts`), which is faster still.
 - XLA's CPU runtime allocates its buffers afresh every step; glibc's malloc serves the
   large ones with new memory maps, ~22k page faults a step. TCMalloc keeps that memory:
   steps are another 20-30% faster, as on TPU VMs, which preload it too.
@@ -19,8 +19,11 @@ processes of a pod compile each program once.
 
 import contextlib
 import ctypes.util
+import importlib.metadata
+import importlib.util
 import logging
 import os
+import pkgutil
 import sys
 from collections.abc import Iterator
 
@@ -32,11 +35,46 @@ TCMALLOC = "tcmalloc_minimal"  # Debian: libtcmalloc-minimal4
 KEEP_MALLOC_ENV = "HYBRID_JAX_SYSTEM_MALLOC"  # set to 1 to keep the system allocator
 
 
-def set_default_xla_flags(environ: dict[str, str] = os.environ) -> None:
-    """Adds DEFAULT_FLAGS to XLA_FLAGS; a flag the user already set is left as they set it.
+def accelerator_plugins(environ: dict[str, str] = os.environ) -> list[str]:
+    """The accelerator backends jax would try here (CUDA, ROCm, TPU, ...), found without importing jax.
 
-    Takes effect only if called before JAX's first computation (importing jax is fine).
+    What jax itself looks for: modules under the `jax_plugins` namespace package, entry points of
+    the `jax_plugins` group, the `libtpu` package, and plugin or TPU libraries named in the environment.
     """
+    found = []
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        found += [name for _, name, _ in pkgutil.iter_modules(spec.submodule_search_locations)]
+    found += [entry.value for entry in importlib.metadata.entry_points(group="jax_plugins")]
+    if importlib.util.find_spec("libtpu") is not None:
+        found.append("libtpu")
+    found += [name for name in ("PJRT_NAMES_AND_LIBRARY_PATHS", "TPU_LIBRARY_PATH") if environ.get(name)]
+    return sorted(set(found))
+
+
+def cpu_only_run(environ: dict[str, str] = os.environ) -> bool:
+    """Whether jax will run on its CPU backend alone, decided before any backend starts.
+
+    JAX_PLATFORMS, when set, lists the backends jax may use: CPU-only when it names cpu alone.
+    Unset, jax takes any accelerator plugin it finds installed, so an installed one counts as an
+    accelerator run. Erring that way is the safe side: on a machine with a plugin but no device, CPU
+    convolutions only stay slower, whereas a CPU flag on an accelerator whose jaxlib is newer than
+    ours may be one XLA no longer knows, and XLA aborts on an unknown flag in XLA_FLAGS.
+    """
+    platforms = [p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return set(platforms) == {"cpu"}
+    return not accelerator_plugins(environ)
+
+
+def set_default_xla_flags(environ: dict[str, str] = os.environ) -> None:
+    """Adds DEFAULT_FLAGS to XLA_FLAGS for a CPU-only run; a flag the user already set is left as they set it.
+
+    Takes effect only if called before JAX's first computation (importing jax is fine). Runs that
+    may use an accelerator (`cpu_only_run`) are left alone: the flags are XLA:CPU's.
+    """
+    if not cpu_only_run(environ):
+        return
     user_flags = environ.get("XLA_FLAGS", "")
     added = [flag for flag in DEFAULT_FLAGS if flag.split("=")[0] not in user_flags]
     environ["XLA_FLAGS"] = " ".join([*added, user_flags]).strip()

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from experiments.ablation import config as ablation_config
-from experiments.ablation import plots, report, run, shift, solver
+from experiments.ablation import grid, plots, report, run, shift, solver
 from experiments.ablation import stats as ablation_stats
 from hybrid_jax import create_model
 from hybrid_jax.analysis.flops import measure
@@ -48,7 +48,7 @@ def _check_solution(solution: solver.Solution, budget: float) -> None:
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("pattern", solver.PATTERNS)
+@pytest.mark.parametrize("pattern", grid.PATTERNS)
 def test_solver_hits_the_budget_within_5_percent(pattern, budget):
     fusions = FUSIONS_PER_BUDGET[budget] if pattern == "parallel" else (None,)
     for fusion in fusions:
@@ -58,7 +58,7 @@ def test_solver_hits_the_budget_within_5_percent(pattern, budget):
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_solver_hits_the_budget_for_every_fusion(budget):
-    for fusion in solver.FUSIONS:
+    for fusion in grid.FUSIONS:
         _check_solution(solver.solve("parallel", budget, fusion=fusion, image_size=32), budget)
 
 
@@ -78,7 +78,7 @@ def test_corruptions_are_deterministic_and_shift_the_images():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
     severity = dict(noise_std=0.2, blur_sigma=1.0, contrast=0.3)
-    for name in shift.CORRUPTIONS:
+    for name in grid.CORRUPTIONS:
         a, b = (shift.corrupt(images, name, severity=severity, seed=3) for _ in range(2))
         assert a.dtype == np.uint8 and a.shape == images.shape
         np.testing.assert_array_equal(a, b)
@@ -188,17 +188,19 @@ def test_run_names_and_configs_carry_the_solution_rate_and_split():
     assert (c.train_split, c.eval_split, c.learning_rate) == ("train[:90%]", "train[90%:]", 2e-3)
 
 
-def test_study_plan_puts_the_main_cell_first_and_small_data_on_chosen_fusions():
+def test_study_plan_puts_the_main_cell_first_and_small_data_and_budget_on_chosen_fusions():
     config = ablation_config.get_config()
     main, small = (solver.Solution("parallel", f, "parallel_hybrid_tiny", "parallel_hybrid", {}, 1, 1, 1, 1, b, b)
                    for f, b in (("gating", 0.02), ("concat", 0.005)))
-    concat_main = dataclasses.replace(main, fusion="concat")
-    solutions = [main, concat_main, small, _solution(0.02)]
+    concat_main, fcu_small = dataclasses.replace(main, fusion="concat"), dataclasses.replace(small, fusion="fcu")
+    solutions = [main, concat_main, small, fcu_small, _solution(0.02)]
     rates = {s.name: 1e-3 for s in solutions}
     jobs = run.study_jobs(config, solutions, rates)
     cells = [(j.solution.budget_gmacs, j.fraction) for j in jobs]
     assert cells == sorted(cells, key=lambda c: (c != (0.02, 1.0), c[1] != 1.0))  # main, other budget, less data
-    assert len([c for c in cells if c == (0.02, 1.0)]) == 3 * 3 and len([c for c in cells if c[0] == 0.005]) == 3
+    assert len([c for c in cells if c == (0.02, 1.0)]) == 3 * 3
+    assert {j.solution.fusion for j in jobs if j.solution.budget_gmacs == 0.005} == {"fcu"}  # concat is not chosen
+    assert len([c for c in cells if c[0] == 0.005]) == 3
     small_data = {j.solution.name for j in jobs if j.fraction == 0.1}
     assert small_data == {"parallel_hybrid_gating", "resnet_none"}  # concat is not in small_data_fusions
     assert [j.seed for j in jobs if (j.solution.budget_gmacs, j.fraction) == (0.02, 1.0)] == [0] * 3 + [1] * 3 + [2] * 3
@@ -234,7 +236,7 @@ def _fake_records() -> list[dict]:
     """A full study's records (10 models at the main budget, 3 seeds, plus a second budget and 10% data) with
     made-up accuracies: vit best by a wide margin, the fusions within noise of each other."""
     rng = np.random.default_rng(0)
-    models = [("parallel_hybrid", "parallel", f) for f in report.FUSION_ORDER] + [
+    models = [("parallel_hybrid", "parallel", f) for f in grid.FUSIONS] + [
         ("coatnet", "serial", ""), ("maxvit", "hierarchical", ""), ("resnet", "cnn", ""), ("vit", "vit", "")]
     records = []
     for i, (model, pattern, fusion) in enumerate(models):
@@ -243,11 +245,11 @@ def _fake_records() -> list[dict]:
                 acc = (0.85 + (0.05 if model == "vit" else 0.0005 * i) - (0.04 if fraction < 1 else 0)
                        - (0.02 if budget < 0.02 else 0) + 0.003 * rng.standard_normal())
                 shifted = {f"{c}_s{k}_accuracy": acc - 0.05 * k - 0.01 * j
-                           for j, c in enumerate(report.CORRUPTIONS) for k in (1, 2, 3)}
+                           for j, c in enumerate(grid.CORRUPTIONS) for k in (1, 2, 3)}
                 by_corruption = {f"{c}_accuracy": statistics.fmean(shifted[f"{c}_s{k}_accuracy"] for k in (1, 2, 3))
-                                 for c in report.CORRUPTIONS}
+                                 for c in grid.CORRUPTIONS}
                 by_level = {f"severity{k}_accuracy": statistics.fmean(shifted[f"{c}_s{k}_accuracy"]
-                                                                      for c in report.CORRUPTIONS) for k in (1, 2, 3)}
+                                                                      for c in grid.CORRUPTIONS) for k in (1, 2, 3)}
                 records.append(dict(name=f"{model}_{fusion or 'none'}", model=model, pattern=pattern, fusion=fusion,
                                     budget_gmacs=budget, train_fraction=fraction, seed=seed, learning_rate=2e-3,
                                     steps=234, params=40000 + 1000 * i, gmacs=budget * (1 + 0.01 * (i - 5)),

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hybrid_jax.analysis import benchmark
+from hybrid_jax.analysis import accelerator, benchmark
 from hybrid_jax.analysis.flops import measure_registered
 
 
@@ -35,20 +35,30 @@ def test_benchmark_cli_writes_table_and_json(tmp_path, capsys):
         benchmark.main(["--models", "no_such_model*"])
 
 
-def test_torch_mode_runs_identical_weights_and_reports_the_ratio():
-    """--torch on a tiny ViT: timm's model under another name, converted, same logits; both rates and the ratio."""
+def test_torch_mode_runs_identical_weights_and_reports_the_ratios():
+    """--torch --train on a tiny ViT: timm's model under another name, converted; the same logits, the same
+    training losses; both rates and the ratio for inference and for the SGD train step; the geometric-mean row."""
     timm = pytest.importorskip("timm")
     reference = lambda model: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
                                                 embed_dim=32, depth=2, num_heads=2, num_classes=model.num_classes)
-    (result,) = benchmark.benchmark("test_vit", batch=2, steps=1, torch=reference)
+    (result,) = benchmark.benchmark("test_vit", batch=2, steps=1, torch=reference, train=True)
     assert result.torch_max_diff <= 1e-4  # the same weights: the same logits
-    assert result.cpu_img_s > 0 and result.torch_img_s > 0
+    assert result.torch_train_loss_diff <= 1e-5  # and the same losses, step after step
+    for rate in (result.cpu_img_s, result.torch_img_s, result.cpu_train_img_s, result.torch_train_img_s):
+        assert 0 < rate < float("inf")
     assert result.torch_ratio == pytest.approx(result.cpu_img_s / result.torch_img_s)
+    assert result.torch_train_ratio == pytest.approx(result.cpu_train_img_s / result.torch_train_img_s)
     assert result.torch_threads == benchmark.jax_cpu_threads()
-    header, _, row = benchmark.markdown_table([result]).splitlines()
-    assert header.endswith("| CPU img/s | PyTorch CPU img/s | ours/PyTorch | max abs diff |")
-    assert len(row.split("|")) == len(header.split("|"))
-    assert "ours/PyTorch" not in benchmark.markdown_table([dataclasses.replace(result, torch_img_s=None)])
+    header, _, row, mean = benchmark.markdown_table([result]).splitlines()
+    assert header.endswith("| CPU infer img/s | PyTorch infer img/s | infer ours/PyTorch | max abs diff | "
+                           "CPU train img/s | PyTorch train img/s | train ours/PyTorch |")
+    assert len(row.split("|")) == len(header.split("|")) == len(mean.split("|"))
+    means = dict(zip(header.split("|"), mean.split("|")))
+    assert means[" model "] == " geometric mean (n=1) "
+    assert means[" infer ours/PyTorch "].strip() == f"{result.torch_ratio:.2f}"
+    assert means[" train ours/PyTorch "].strip() == f"{result.torch_train_ratio:.2f}"
+    assert "ours/PyTorch" not in benchmark.markdown_table([dataclasses.replace(
+        result, torch_img_s=None, torch_ratio=None, torch_train_img_s=None, torch_train_ratio=None)])
 
     # Refused before anything is timed: a family without a converter, and timm's own, different, test_vit.
     with pytest.raises(benchmark.TorchUnavailable, match="no PyTorch converter for the 'parallel_hybrid' family"):
@@ -75,3 +85,86 @@ def test_torch_cli_benchmarks_without_pytorch_where_it_cannot_compare(capsys, mo
     assert "PyTorch comparison on the host CPU with" in out
     assert "test_resnet: no PyTorch comparison: timm has no model named 'x'" in out
     assert "| test_resnet | - | - |" in out and "ours/PyTorch" not in out
+
+
+@pytest.mark.slow  # ~2 minutes on 2 busy cores: the 11.7M parameters' init and four compiles
+def test_torch_train_mode_on_resnet18_trains_batchnorm_alike():
+    """--torch --train on resnet18: BatchNorm in train mode on both sides gives the same first loss."""
+    pytest.importorskip("timm")
+    (result,) = benchmark.benchmark("resnet18", batch=2, steps=1, torch=True, train=True)
+    assert result.torch_max_diff <= 1e-3 and result.torch_train_loss_diff <= 1e-4
+    assert 0 < result.torch_ratio < float("inf") and 0 < result.torch_train_ratio < float("inf")
+
+
+def test_geometric_mean_row_and_summary_over_the_models_compared():
+    base = benchmark.Result("m", "-", 2, "float32", 1, 0.0, None, None, 0.1, 10.0, 1, None, category="cnn")
+    results = [dataclasses.replace(base, model="a", torch_img_s=1.0, torch_ratio=0.5, torch_train_img_s=1.0,
+                                   torch_train_ratio=0.25),
+               dataclasses.replace(base, model="b", torch_img_s=1.0, torch_ratio=2.0, torch_train_img_s=1.0,
+                                   torch_train_ratio=1.0),
+               dataclasses.replace(base, model="c", torch_img_s=1.0, torch_ratio=4.0),  # no train comparison
+               dataclasses.replace(base, model="d")]  # not compared at all
+    assert benchmark.geometric_mean([0.5, 2.0, 4.0]) == pytest.approx(4 ** (1 / 3))  # 0.5 * 2 cancel
+    assert benchmark.torch_ratios(results, "training") == {"a": 0.25, "b": 1.0}
+    table = benchmark.markdown_table(results).splitlines()
+    header, mean = table[0].split("|"), table[-1].split("|")
+    assert len(table) == 2 + 4 + 1 and mean[1].strip() == "geometric mean (n=3)"
+    assert mean[header.index(" infer ours/PyTorch ")].strip() == f"{4 ** (1 / 3):.2f}" == "1.59"
+    assert mean[header.index(" train ours/PyTorch ")].strip() == "0.50"  # sqrt(0.25 * 1.0)
+    targets = "(target >= 0.7x)"
+    assert benchmark.torch_summary(results) == [
+        f"inference: ours/PyTorch geometric mean 1.59x over 3 model(s) (target >= 1.0x); lowest a 0.50x {targets}",
+        f"training: ours/PyTorch geometric mean 0.50x over 2 model(s) (target >= 1.0x); lowest a 0.25x {targets}"]
+
+
+def test_process_settings_say_which_the_command_line_applies(monkeypatch):
+    monkeypatch.setattr(benchmark, "_tcmalloc_loaded", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", " ".join(benchmark.DEFAULT_FLAGS))
+    assert benchmark.process_settings().startswith("command line (hybrid_jax/runtime.py): TCMalloc, XLA CPU")
+    monkeypatch.setattr(benchmark, "_tcmalloc_loaded", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert benchmark.process_settings().startswith("library (jaxlib's and the system's defaults): system malloc")
+
+
+def test_accelerator_suite_smoke_trains_in_bf16_with_float32_params(tmp_path, capsys):
+    """The whole suite path on CPU with ViT-B/16's tiny stand-in: an XLA row measured, the cuDNN row unavailable."""
+    accelerator.main(["--smoke", "--models", "test_vit", "--out_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "cpu" / "accelerator.json").read_text())
+    xla, cudnn = (accelerator.SuiteRow(**row) for row in report["rows"])
+    assert (xla.label, xla.model, xla.attn_impl, xla.batch, xla.status) == ("ViT-B/16", "test_vit", "xla", 2, "ok")
+    assert xla.train_img_s > 0 and xla.gmacs > 0 and xla.peak_gib > 0 and xla.memory_source == "planned"
+    assert xla.mfu is None  # no known peak for a CPU
+    assert xla.param_dtypes == "float32"  # the master weights the compiled step returns
+    matmuls = dict(item.split() for item in xla.matmul_dtypes.split(", "))
+    assert "f32" not in matmuls and int(matmuls["bf16"]) > 10 * int(matmuls.get("f32xbf16", 0))
+    assert (cudnn.attn_impl, cudnn.status) == ("cudnn", "unavailable") and "NVIDIA GPU" in cudnn.note
+    md = (tmp_path / "cpu" / "accelerator.md").read_text()
+    assert "| ViT-B/16 | test_vit | xla | 2 |" in md and "| ViT-B/16 | test_vit | cudnn | 2 |" in md
+    assert "SMOKE RUN" in md and "SMOKE RUN" in capsys.readouterr().out
+
+
+def test_accelerator_suite_time_budget_skips_rows_with_a_note():
+    plan = accelerator.suite_plan()
+    assert [(r["model"], r["attn_impl"]) for r in plan[:3]] == [
+        ("vit_base_patch16_224", "xla"), ("vit_base_patch16_224", "cudnn"), ("conformer_small_patch16", "xla")]
+    assert {r["model"] for r in plan} == {m.name for m in accelerator.ACCELERATOR_SUITE}
+    rows = accelerator.run_suite(time_budget_s=1e-9, log=lambda _: None)  # nothing starts, nothing is compiled
+    assert [r.label for r in rows[::2]] == [m.label for m in accelerator.ACCELERATOR_SUITE]
+    assert all(r.status == "skipped" and "time budget" in r.note for r in rows)
+    assert "| skipped: not started: the 1e-09 s time budget was spent |" in accelerator.suite_table(rows)
+    # A row in its own process (as on an accelerator) answers with its row, and is stopped at the budget.
+    kwargs = dict(label="ViT-B/16", model="test_vit", attn_impl="cudnn", batch=2, smoke=True)
+    answered = accelerator._row_in_own_process(kwargs, timeout_s=300)
+    assert (answered.status, answered.device_kind) == ("unavailable", "cpu")
+    stopped = accelerator._row_in_own_process({**kwargs, "attn_impl": "xla"}, timeout_s=0.01)
+    assert stopped.status == "skipped" and "stopped after" in stopped.note
+
+
+def test_benchmark_suite_flag_hands_the_rest_of_the_command_line_to_the_accelerator_suite(monkeypatch):
+    calls = []
+    monkeypatch.setattr(accelerator, "main", calls.append)
+    benchmark.main(["--suite", "accelerator", "--smoke", "--time_budget_s", "60", "--out_dir", "x", "--library"])
+    benchmark.main(["--smoke", "--suite=accelerator"])
+    assert calls == [["--smoke", "--time_budget_s", "60", "--out_dir", "x", "--library"], ["--smoke"]]
+    with pytest.raises(SystemExit):  # the suite's flags are not the model benchmark's
+        benchmark.main(["--models", "test_vit", "--smoke"])

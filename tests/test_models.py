@@ -25,16 +25,16 @@ def _smallest_paper_model_per_family() -> set[str]:
     return set(smallest.values())
 
 
-# Compiling a full-size model on CPU takes 10-60 s, so the default suite compiles one per family (its
-# smallest) and every small model; `-m slow` compiles the rest. Parameter and MAC counts need no
-# compilation and run for every model.
+# Compiling a full-size model on CPU takes 10-60 s, so the default suite runs the small models (every
+# family has one) and compiles one full-size model per family (its smallest) for XLA's FLOP count;
+# `-m slow` runs the rest. Parameter and MAC counts need no compilation and run for every model.
+SMALL_MODELS = {name for name in TINY_MODELS if model_info(name).input_size <= 64}
 REPRESENTATIVES = _smallest_paper_model_per_family()
-FAST_MODELS = {name for name in TINY_MODELS if model_info(name).input_size <= 64} | REPRESENTATIVES
 
 
-def default_or_slow(names: list[str]) -> list:
-    """`names` as test parameters, those outside FAST_MODELS marked slow."""
-    return [name if name in FAST_MODELS else pytest.param(name, marks=pytest.mark.slow) for name in names]
+def default_or_slow(names: list[str], fast: set[str] = SMALL_MODELS) -> list:
+    """`names` as test parameters, those outside `fast` marked slow."""
+    return [name if name in fast else pytest.param(name, marks=pytest.mark.slow) for name in names]
 
 
 def images(name: str, batch: int = 2) -> jax.Array:
@@ -84,7 +84,7 @@ def test_params_and_gmacs_match_paper(name):
 ERF_GELU_HEAVY = {"edgenext", "maxxvit", "cmt"}
 
 
-@pytest.mark.parametrize("name", default_or_slow(PAPER_MODELS))
+@pytest.mark.parametrize("name", default_or_slow(PAPER_MODELS, fast=REPRESENTATIVES))
 def test_xla_flops_agree_with_the_mac_count(name):
     """XLA's own count differs only by elementwise work and padded conv taps.
 

@@ -11,15 +11,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from experiments.ablation.grid import CORRUPTIONS, FUSIONS, label
+
 PATTERN_COLORS = {"parallel": "tab:blue", "serial": "tab:orange", "hierarchical": "tab:green", "cnn": "tab:red",
                   "vit": "tab:purple"}
-PATTERNS = tuple(PATTERN_COLORS)
-FUSIONS = ("concat", "add", "gating", "cross_attention", "fcu", "bridge")
-CORRUPTIONS = ("gaussian_noise", "blur", "contrast")
-
-
-def _label(row: dict[str, Any]) -> str:
-    return f"{row['model']} ({row['fusion']})" if row["fusion"] else row["model"]
 
 
 def _ci(row: dict[str, Any], metric: str = "accuracy") -> float:
@@ -53,7 +48,7 @@ def accuracy_vs_gmacs(rows: Sequence[dict[str, Any]]) -> Figure:
         return fig
     by_model: dict[str, list[dict[str, Any]]] = {}
     for r in full:
-        by_model.setdefault(_label(r), []).append(r)
+        by_model.setdefault(label(r), []).append(r)
     seen = set()
     for name, points in by_model.items():
         points.sort(key=lambda r: float(r["gmacs"]))
@@ -110,7 +105,7 @@ def data_size(rows: Sequence[dict[str, Any]]) -> Figure:
     chosen = [r for r in rows if float(r["budget_gmacs"]) == budget]
     by_model: dict[str, list[dict[str, Any]]] = {}
     for r in chosen:
-        by_model.setdefault(_label(r), []).append(r)
+        by_model.setdefault(label(r), []).append(r)
     by_model = {k: v for k, v in by_model.items() if len(v) > 1}
     if not by_model:
         _empty(ax, "no model has finished runs at two data sizes yet")
@@ -142,7 +137,7 @@ def shift_curves(rows: Sequence[dict[str, Any]]) -> Figure:
     for ax, (title, metrics) in zip(axes, panels):
         for r in chosen:
             values = [r["clean_accuracy_mean"], *(r.get(f"{m}_mean", math.nan) for m in metrics)]
-            ax.plot(range(len(values)), [100 * v for v in values], "-o", ms=3, label=_label(r),
+            ax.plot(range(len(values)), [100 * v for v in values], "-o", ms=3, label=label(r),
                     color=PATTERN_COLORS.get(r["pattern"], "k"), alpha=0.4 if r["pattern"] == "parallel" else 0.9)
         ax.set_title(title, fontsize=9)
         ax.set_xticks(range(4), ["clean", "1", "2", "3"])
@@ -172,7 +167,7 @@ def training_curves(rows: Sequence[dict[str, Any]], curves: Sequence[dict[str, A
                          and float(c["train_fraction"]) == fraction and int(c["seed"]) == 0), key=lambda c: c["step"])
         for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
             ax.plot([c["step"] for c in points], [c[key] * (100 if key == "accuracy" else 1) for c in points],
-                    label=_label(r), color=PATTERN_COLORS.get(pattern, "k"))
+                    label=label(r), color=PATTERN_COLORS.get(pattern, "k"))
     loss_ax.set_ylabel("training loss (label-smoothed)")
     acc_ax.set_ylabel("training accuracy, augmented batches (%)")
     for ax in (loss_ax, acc_ax):
@@ -189,7 +184,7 @@ def lr_search(search: Sequence[dict[str, Any]]) -> Figure:
     ax = fig.subplots()
     by_model: dict[str, list[dict[str, Any]]] = {}
     for r in search:
-        by_model.setdefault(_label(r), []).append(r)
+        by_model.setdefault(label(r), []).append(r)
     if not by_model:
         _empty(ax, "no search runs yet")
         return fig

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments.ablation import plots, stats
+from experiments.ablation.grid import CORRUPTIONS, FUSIONS, PATTERNS, label
 
-PATTERN_ORDER = ("parallel", "serial", "hierarchical", "cnn", "vit")
-FUSION_ORDER = ("concat", "add", "gating", "cross_attention", "fcu", "bridge")
-CORRUPTIONS = ("gaussian_noise", "blur", "contrast")
 RUN_FIELDS = ("name", "model", "pattern", "fusion", "budget_gmacs", "train_fraction", "seed", "learning_rate", "steps",
               "params", "gmacs", "accuracy", "train_accuracy", "clean_accuracy", "shift_accuracy",
               *(f"{c}_accuracy" for c in CORRUPTIONS), *(f"severity{k}_accuracy" for k in (1, 2, 3)),
@@ -67,16 +65,11 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
         return [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(f)]
 
 
-def label(row: dict[str, Any]) -> str:
-    """'parallel_hybrid (gating)' or 'resnet'."""
-    return f"{row['model']} ({row['fusion']})" if row["fusion"] else row["model"]
-
-
 def order(row: dict[str, Any]) -> tuple:
     """Budgets largest first, then pattern, fusion, model, data size largest first."""
     fusion = row["fusion"]
-    return (-float(row["budget_gmacs"]), PATTERN_ORDER.index(row["pattern"]) if row["pattern"] in PATTERN_ORDER else 99,
-            FUSION_ORDER.index(fusion) if fusion in FUSION_ORDER else -1, row["model"],
+    return (-float(row["budget_gmacs"]), PATTERNS.index(row["pattern"]) if row["pattern"] in PATTERNS else 99,
+            FUSIONS.index(fusion) if fusion in FUSIONS else -1, row["model"],
             -float(row.get("train_fraction", 1.0)))
 
 
@@ -218,7 +211,7 @@ def branch_summary(branches: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "accuracy_ci": stats.interval(accuracy),
                     "share_mean": statistics.fmean(share) if share else math.nan})
     return sorted(out, key=lambda r: (-r["budget_gmacs"], -r["train_fraction"],
-                                      FUSION_ORDER.index(r["fusion"]) if r["fusion"] in FUSION_ORDER else 99,
+                                      FUSIONS.index(r["fusion"]) if r["fusion"] in FUSIONS else 99,
                                       r["head"]))
 
 

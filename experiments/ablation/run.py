@@ -230,7 +230,8 @@ def search_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Soluti
 def study_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Solution],
                rates: dict[str, float]) -> list[Job]:
     """The study's runs, in the order that makes a stopped part most useful: the main budget on all the data,
-    the other budgets, then the smaller training sets; seed by seed within each."""
+    the other budgets, then the smaller training sets; seed by seed within each. Outside the main cell, the
+    parallel pattern trains only the fusions the config names for it."""
     main, *others = config.budgets
     full, *smaller = config.train_fractions
     cells = [(main, full), *((b, full) for b in others), *((main, f) for f in smaller)]
@@ -238,8 +239,9 @@ def study_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Solutio
     for budget, fraction in cells:
         for seed in config.seeds:
             for s in solutions:
-                small_data_skip = fraction != full and s.fusion and s.fusion not in config.small_data_fusions
-                if s.budget_gmacs == budget and not small_data_skip:
+                chosen = (config.small_data_fusions if fraction != full else
+                          config.small_budget_fusions if budget != main else config.fusions)
+                if s.budget_gmacs == budget and (not s.fusion or s.fusion in chosen):
                     jobs.append(Job(s, fraction, seed, rates[s.name]))
     return jobs
 

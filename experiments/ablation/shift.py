@@ -25,13 +25,12 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from experiments.ablation.grid import CORRUPTIONS
 from hybrid_jax.checkpoint import Checkpointer
 from hybrid_jax.data import pipeline
 from hybrid_jax.data.augment import AugmentConfig
 from hybrid_jax.train.config import build_model
 from hybrid_jax.train.step import eval_step
-
-CORRUPTIONS = ("gaussian_noise", "blur", "contrast")
 
 
 def corrupt(images: np.ndarray, name: str, *, severity: Mapping[str, float], seed: int = 0) -> np.ndarray:

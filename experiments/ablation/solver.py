@@ -29,11 +29,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from experiments.ablation.grid import FUSIONS, PATTERNS
 from hybrid_jax import create_model
 from hybrid_jax.analysis.flops import measure
 
-PATTERNS = ("parallel", "serial", "hierarchical", "cnn", "vit")
-FUSIONS = ("concat", "add", "gating", "cross_attention", "fcu", "bridge")
 GOOD_ENOUGH = 0.01  # a width this close to the budget ends the search; farther ones are refined with `fine`
 
 

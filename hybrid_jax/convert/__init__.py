@@ -45,6 +45,7 @@ import numpy as np
 from hybrid_jax.convert.core import ConversionError, StateDict, check_against_model, load_state_dict, model_shapes
 from hybrid_jax.layers.patch import resample_pos_embed
 from hybrid_jax.layers.relpos import resize_table
+from hybrid_jax.layers.scan import stack_layers
 from hybrid_jax.registry import model_info
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any], model: nn.Modul
     sd = StateDict(state_dict, ignore=getattr(module, "IGNORE", ()))
     variables = module.convert(source, sd)
     sd.finish()
+    if getattr(model, "scan_blocks", False):  # converters write one subtree per block; a scan stacks them
+        variables = stack_layers(variables)
     size = getattr(model, "img_size", None) or entry.input_size
     expected = model_shapes(model, size)
     if fit:

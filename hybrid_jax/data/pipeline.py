@@ -13,12 +13,21 @@ augmentation happen on device (`hybrid_jax.data.augment`), not here, except the 
 geometric transforms that need the decoded original of a variable-size image: timm's
 eval resize-and-centre-crop (`crop_pct`) and the Inception random-resized-crop
 (`random_crop_scale`), both done with PIL as timm / torchvision do them.
+
+Encoded images (tfds `Image` features: JPEG / PNG bytes, as imagenet2012 and
+`image_folder:PATH` store them) are read undecoded and decoded by `decode_image` (PIL,
+libjpeg-turbo) inside the per-example transform, so with `worker_count > 0` the grain
+worker processes read, decode and crop, and the training process only receives batches.
+tfds's own decoder (OpenCV when installed, else PIL) would return an array that the crop
+copies back into PIL (about 10% more CPU per training image) and keep a CMYK image's 4
+channels; this one converts as torchvision's loader does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -32,6 +41,7 @@ from absl import flags
 from PIL import Image
 
 from hybrid_jax.data.builders.fashion_mnist import HybridFashionMnist
+from hybrid_jax.data.builders.image_folder import HybridImageFolder, ImageFolderError
 from hybrid_jax.data.builders.reid_folder import (
     HybridDukemtmcReid,
     HybridMarket1501,
@@ -53,12 +63,16 @@ EMBEDDED_BUILDERS = {
 }
 # Embedded builders that read a local copy of the data from a manual directory.
 MANUAL_DIR_BUILDERS = (HybridMarket1501, HybridDukemtmcReid, HybridMsmt17)
+# "image_folder:PATH" names a folder of class subfolders (builders/image_folder.py), read once.
+IMAGE_FOLDER = "image_folder:"
 DATA_DIR_ENV = "TFDS_DATA_DIR"
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
 }
+# PIL mode of a decoded image per channel count of its feature, as torchvision's loader converts to RGB.
+_MODES = {1: "L", 3: "RGB"}
 # Aspect-ratio range of the Inception crop (torchvision's RandomResizedCrop default).
 _CROP_RATIO = (3 / 4, 4 / 3)
 
@@ -120,6 +134,24 @@ def _embedded_builder(
     return cls(**kwargs)
 
 
+def _image_folder_builder(name: str, data_dir: str) -> HybridImageFolder:
+    """The builder of "image_folder:PATH"; its prepared copy is named after PATH."""
+    path = name[len(IMAGE_FOLDER):]
+    if not path:
+        raise DataError(f"{name!r} names no folder; write {IMAGE_FOLDER}/path/to/root.")
+    return HybridImageFolder(source_dir=path, data_dir=data_dir)
+
+
+def _prepared(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+    """Prepares one of our builders the first time, with bad local files as a DataError."""
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except (FileNotFoundError, SourceFileError, ImageFolderError) as e:  # local files missing or bad
+            raise DataError(str(e)) from e
+    return builder
+
+
 def get_builder(
     name: str, data_dir: str | None = None, manual_dir: str | None = None
 ) -> tfds.core.DatasetBuilder:
@@ -127,22 +159,20 @@ def get_builder(
 
     `manual_dir` is where datasets that cannot be downloaded (Market-1501, DukeMTMC-reID,
     MSMT17) are read from the first time; None means `{data_dir}/downloads/manual`.
+    "image_folder:PATH" reads the folder PATH of class subfolders once (`HybridImageFolder`).
     """
     data_dir = data_dir or default_data_dir()
+    if name.startswith(IMAGE_FOLDER):
+        return _prepared(_image_folder_builder(name, data_dir))
     if name.partition("/")[0] in EMBEDDED_BUILDERS:
-        builder = _embedded_builder(name, data_dir, manual_dir)
-        if not builder.is_prepared():
-            try:
-                builder.download_and_prepare()
-            except (FileNotFoundError, SourceFileError) as e:  # local files missing or misnamed
-                raise DataError(str(e)) from e
-        return builder
+        return _prepared(_embedded_builder(name, data_dir, manual_dir))
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(
             f"Unknown dataset {name!r}: neither one of ours ({sorted(EMBEDDED_BUILDERS)}) "
-            f"nor in the tfds catalogue. Check the spelling (see `tfds.list_builders()`)."
+            f"nor in the tfds catalogue. Check the spelling (see `tfds.list_builders()`); a folder of "
+            f"class subfolders is {IMAGE_FOLDER}PATH."
         ) from e
     if not builder.is_prepared():
         raise DataError(
@@ -151,10 +181,28 @@ def get_builder(
     return builder
 
 
+def _undecoded_images(info: tfds.core.DatasetInfo) -> dict[str, Any] | None:
+    """tfds decoders that leave an 8-bit grey or RGB `Image` feature encoded, for `decode_image`."""
+    if "image" not in info.features or not isinstance(info.features["image"], tfds.features.Image):
+        return None
+    feature = info.features["image"]
+    if np.dtype(feature.np_dtype) != np.uint8 or feature.shape[-1] not in _MODES:
+        return None  # 16-bit, float or RGBA images stay with tfds's decoder
+    return {"image": tfds.decode.SkipDecoding()}
+
+
 def load_source(
-    name: str, split: str, data_dir: str | None = None, manual_dir: str | None = None
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    *,
+    decode_images: bool = True,
 ) -> tuple[Sequence[Mapping[str, Any]], tfds.core.DatasetInfo]:
-    """Opens one split (tfds slicing like "train[:10%]" allowed) for random access."""
+    """Opens one split (tfds slicing like "train[:10%]" allowed) for random access.
+
+    `decode_images=False` leaves JPEG / PNG `Image` features as bytes, for `decode_image` where they are used.
+    """
     data_dir = data_dir or default_data_dir()
     builder = get_builder(name, data_dir, manual_dir)
     try:
@@ -168,7 +216,8 @@ def load_source(
     if num_examples <= 0:
         raise DataError(f"Split {split!r} of {name!r} is empty; choose another split or slice.")
     try:
-        source = builder.as_data_source(split=split)
+        decoders = None if decode_images else _undecoded_images(builder.info)
+        source = builder.as_data_source(split=split, decoders=decoders)
     except NotImplementedError as e:  # stored as tfrecord, which needs TensorFlow
         raise DataError(
             f"Dataset {name!r} in {data_dir} is not stored as array_record, which grain "
@@ -249,18 +298,41 @@ def _check_crops(
         raise DataError(f"random_crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {random_crop_scale}.")
 
 
-def _resize(image: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
+def decode_image(data: bytes, channels: int) -> Image.Image:
+    """JPEG / PNG bytes -> a PIL image with `channels` (1 or 3) channels, as torchvision's loader reads files."""
+    image = Image.open(io.BytesIO(data))
+    return image if image.mode == _MODES[channels] else image.convert(_MODES[channels])
+
+
+def _pixels(image: np.ndarray | bytes, channels: int) -> np.ndarray | Image.Image:
+    """A stored image as it can be cropped: decoded to PIL when encoded, else the uint8 array itself."""
+    if isinstance(image, bytes):
+        return decode_image(image, channels)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _array(image: np.ndarray | Image.Image) -> np.ndarray:
+    """uint8 [H, W, C] from a PIL image (grey gets its channel axis) or an array."""
+    out = np.asarray(image, dtype=np.uint8)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def _height_width(image: np.ndarray | Image.Image) -> tuple[int, int]:
+    """(H, W) of a PIL image or an array."""
+    return (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
+
+
+def _resize(image: np.ndarray | Image.Image, size: tuple[int, int], method: str) -> np.ndarray:
     """Resamples a uint8 [H, W, C] image to `size` (H, W) with PIL, whose filters timm uses."""
-    grey = image.shape[-1] == 1
-    pil = Image.fromarray(image[..., 0] if grey else image)
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     # PIL sizes are (width, height).
-    out = np.asarray(pil.resize(tuple(size[::-1]), _RESAMPLE[method]), dtype=np.uint8)
-    return out[..., None] if grey else out
+    return _array(image.resize(tuple(size[::-1]), _RESAMPLE[method]))
 
 
-def resize_shorter(image: np.ndarray, size: int, method: str) -> np.ndarray:
+def resize_shorter(image: np.ndarray | Image.Image, size: int, method: str) -> np.ndarray:
     """Scales the shorter side to `size` keeping the aspect ratio, as torchvision's Resize(int)."""
-    height, width = image.shape[:2]
+    height, width = _height_width(image)
     short, long = min(height, width), max(height, width)
     new_long = int(size * long / short)  # truncated, as torchvision does
     return _resize(image, (new_long, size) if width <= height else (size, new_long), method)
@@ -273,7 +345,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top : top + size, left : left + size]
 
 
-def eval_view(image: np.ndarray, size: int, crop_pct: float, method: str) -> np.ndarray:
+def eval_view(image: np.ndarray | Image.Image, size: int, crop_pct: float, method: str) -> np.ndarray:
     """timm's eval transform before normalisation: shorter side to floor(size / crop_pct), centre crop."""
     return center_crop(resize_shorter(image, math.floor(size / crop_pct), method), size)
 
@@ -303,17 +375,18 @@ def _to_example(
     resize: tuple[int, int] | None,
     method: str,
     crop_pct: float | None = None,
+    channels: int = 3,
 ) -> dict[str, np.ndarray]:
-    """Keeps image and label with fixed dtypes, resizing only when asked.
+    """Decodes if encoded, keeps image and label with fixed dtypes, resizing only when asked.
 
     With `crop_pct`, timm's `eval_view` at the (square) `resize` or the stored size.
     """
-    image = np.asarray(record["image"], dtype=np.uint8)
+    image = _pixels(record["image"], channels)
     if crop_pct is not None:
-        image = eval_view(image, resize[0] if resize else image.shape[0], crop_pct, method)
-    elif resize is not None and image.shape[:2] != tuple(resize):
+        image = eval_view(image, resize[0] if resize else _height_width(image)[0], crop_pct, method)
+    elif resize is not None and _height_width(image) != tuple(resize):
         image = _resize(image, resize, method)
-    return {"image": image, "label": np.int32(record["label"])}
+    return {"image": _array(image), "label": np.int32(record["label"])}
 
 
 def _to_cropped_example(
@@ -322,12 +395,17 @@ def _to_cropped_example(
     resize: tuple[int, int] | None,
     method: str,
     scale: tuple[float, float],
+    channels: int = 3,
 ) -> dict[str, np.ndarray]:
     """An Inception crop of the decoded original resized to `resize` (or the stored size)."""
-    image = np.asarray(record["image"], dtype=np.uint8)
-    top, left, h, w = _crop_box(*image.shape[:2], scale, rng)
-    image = _resize(image[top : top + h, left : left + w], resize or image.shape[:2], method)
-    return {"image": image, "label": np.int32(record["label"])}
+    image = _pixels(record["image"], channels)
+    height, width = _height_width(image)
+    top, left, h, w = _crop_box(height, width, scale, rng)
+    if isinstance(image, Image.Image):  # crop, then resize, as torchvision's resized_crop does on PIL images
+        crop = image.crop((left, top, left + w, top + h))
+    else:
+        crop = image[top : top + h, left : left + w]
+    return {"image": _resize(crop, resize or (height, width), method), "label": np.int32(record["label"])}
 
 
 def _check_first_example(
@@ -338,7 +416,7 @@ def _check_first_example(
     method: str,
 ) -> None:
     """Decodes one record so a feature/data mismatch fails here, not mid-training."""
-    image = _to_example(source[0], resize, method)["image"]
+    image = _to_example(source[0], resize, method, channels=shape[-1])["image"]
     if image.shape != shape:
         raise DataError(
             f"{name!r}: first image decodes to {image.shape}, but its feature spec says "
@@ -444,13 +522,13 @@ def _open(
     """
     if resize_method not in _RESAMPLE:
         raise DataError(f"resize_method {resize_method!r} is not one of {sorted(_RESAMPLE)}.")
-    source, info = load_source(name, split, data_dir)
+    source, info = load_source(name, split, data_dir, decode_images=False)
     shape = _output_shape(name, info, tuple(resize) if resize else None)
     _check_expected(name, shape, image_shape)
     _check_first_example(name, source, shape, resize, resize_method)
     stored_shape = tuple(info.features["image"].shape)
     if None not in stored_shape and len(source) * math.prod(stored_shape) <= cache_max_bytes:
-        source = InMemorySplit(source)
+        source = InMemorySplit(load_source(name, split, data_dir)[0])  # read once, decoded by tfds
     return source, shape
 
 
@@ -504,7 +582,8 @@ def make_train_dataset(
     """Builds the shuffled, repeated, per-process-sharded training stream.
 
     Args:
-      name: tfds name ("fashion_mnist" is built offline from the Debian package).
+      name: tfds name ("fashion_mnist" is built offline from the Debian package), or "image_folder:PATH"
+        for a folder of class subfolders (`hybrid_jax.data.builders.image_folder`).
       global_batch_size: examples per step summed over all processes.
       split: tfds split, slicing allowed ("train[:10%]").
       data_dir: tfds data directory; defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets.
@@ -549,10 +628,11 @@ def make_train_dataset(
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     if random_crop_scale is None:
-        ds = ds.map(functools.partial(_to_example, resize=resize, method=resize_method))
+        ds = ds.map(functools.partial(_to_example, resize=resize, method=resize_method, channels=shape[-1]))
     else:
         crop = functools.partial(
-            _to_cropped_example, resize=resize, method=resize_method, scale=tuple(random_crop_scale)
+            _to_cropped_example, resize=resize, method=resize_method, scale=tuple(random_crop_scale),
+            channels=shape[-1],
         )
         ds = ds.random_map(crop, seed=seed)
     return finish(shard_batches(ds, batch_size, index, count), worker_count, read_threads)
@@ -590,7 +670,8 @@ def make_eval_dataset(
     num_padding = -len(source) % global_batch_size
     real = (
         grain.MapDataset.source(source)
-        .map(functools.partial(_to_example, resize=resize, method=resize_method, crop_pct=crop_pct))
+        .map(functools.partial(_to_example, resize=resize, method=resize_method, crop_pct=crop_pct,
+                               channels=shape[-1]))
         .map(functools.partial(_with_mask, valid=True))
     )
     padding = grain.MapDataset.range(num_padding).map(functools.partial(_padding_example, shape))

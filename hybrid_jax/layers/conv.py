@@ -22,6 +22,7 @@ from hybrid_jax.layers.act import get_act
 from hybrid_jax.layers.axes import MAP, with_logical_partitioning
 from hybrid_jax.layers.drop import DropPath
 from hybrid_jax.layers.norm import norm_2d
+from hybrid_jax.layers.remat import checkpointed
 
 Dtype = Any
 Padding = str | int | None
@@ -238,12 +239,13 @@ class ResNetStage(nn.Module):
     norm: str = "batch"
     padding: Padding = None
     weight_standardize: bool = False
+    remat: str = "none"  # layers/remat.py
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        block_cls = RESIDUAL_BLOCKS[self.block]
+        block_cls = checkpointed(RESIDUAL_BLOCKS[self.block], self.remat)
         rates = self.drop_path_rates or (0.0,) * self.depth
         for i in range(self.depth):
             x = block_cls(self.features, self.strides if i == 0 else 1, self.norm, padding=self.padding,

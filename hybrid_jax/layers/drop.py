@@ -26,10 +26,12 @@ class DropPath(nn.Module):
     rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if not train or self.rate == 0.0:
+    def __call__(self, x: jax.Array, *, train: bool, rate: float | jax.Array | None = None) -> jax.Array:
+        """`rate` overrides the field; an array rate (a scanned block's) always draws the mask."""
+        rate = self.rate if rate is None else rate
+        if not train or (isinstance(rate, float) and rate == 0.0):
             return x
-        keep = 1.0 - self.rate
+        keep = 1.0 - rate
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         kept = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
         return jnp.where(kept, x / keep, jnp.zeros_like(x))

@@ -47,6 +47,7 @@ class ImageClassifier(nn.Module, kw_only=True):
     drop_path_rate: float = 0.0  # stochastic depth, scheduled over the blocks as the family's reference does
     dtype: Dtype = jnp.float32  # compute dtype, e.g. jnp.bfloat16
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"  # none | block | full: what each block recomputes in the backward pass (layers/remat.py)
 
     @property
     def feature_info(self) -> tuple[FeatureInfo, ...]:

@@ -44,6 +44,7 @@ from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.mlp import DENSE_INIT, classifier
 from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.norm import norm_2d
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -165,6 +166,7 @@ class BoTStage(nn.Module):
     scale_pos_embed: bool = False
     drop_path_rates: Sequence[float] = ()
     attn_impl: str = "auto"
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -172,14 +174,15 @@ class BoTStage(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rates = self.drop_path_rates or (0.0,) * len(self.blocks)
+        bottleneck, bot_block = checkpointed(Bottleneck, self.remat), checkpointed(BoTBlock, self.remat)
         size = self.in_size
         for i, kind in enumerate(self.blocks):
             strides = self.strides if i == 0 else 1
             if kind == "C":
-                x = Bottleneck(self.features, strides, drop_path=rates[i], name=f"blocks_{i}", **kw)(x, train=train)
+                x = bottleneck(self.features, strides, drop_path=rates[i], name=f"blocks_{i}", **kw)(x, train=train)
                 size = _conv_out(size) if strides == 2 else size
             elif kind == "A":
-                x = BoTBlock(self.features, strides, (size, size), self.num_heads, self.scale_pos_embed, rates[i],
+                x = bot_block(self.features, strides, (size, size), self.num_heads, self.scale_pos_embed, rates[i],
                              self.attn_impl, name=f"blocks_{i}", **kw)(x, train=train)
                 size = size // strides
             else:
@@ -214,7 +217,7 @@ class BoTNet(ImageClassifier):
         for i, (blocks, width) in enumerate(zip(self.layout, self.widths)):
             strides = 1 if i == 0 else 2
             stages.append(BoTStage(blocks, width // BoTBlock.expansion, strides, size, self.num_heads,
-                                   self.scale_pos_embed, rates[i], self.attn_impl, **kw))
+                                   self.scale_pos_embed, rates[i], self.attn_impl, self.remat, **kw))
             size = _conv_out(size) if strides == 2 else size
         self.stages = stages
         self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)

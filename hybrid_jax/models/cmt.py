@@ -43,6 +43,7 @@ from hybrid_jax.layers.mlp import classifier
 from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.norm import layer_norm, norm_2d
 from hybrid_jax.layers.patch import grid_to_tokens
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -156,6 +157,7 @@ class CMTStage(nn.Module):
     drop_rate: float = 0.0
     drop_path_rates: Sequence[float] = ()
     attn_impl: str = "auto"
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -172,8 +174,9 @@ class CMTStage(nn.Module):
             raise ValueError(f"a {h}x{w} map is smaller than the key reduction {self.sr_ratio}; use a larger input")
         bias = resize_attention_bias(bias, (h, w), (h // self.sr_ratio, w // self.sr_ratio))
         rates = self.drop_path_rates or (0.0,) * self.depth
+        block = checkpointed(CMTBlock, self.remat)
         for i in range(self.depth):
-            x = CMTBlock(self.num_heads, self.mlp_ratio, self.sr_ratio, self.qkv_bias, self.drop_rate, rates[i],
+            x = block(self.num_heads, self.mlp_ratio, self.sr_ratio, self.qkv_bias, self.drop_rate, rates[i],
                          self.attn_impl, name=f"blocks_{i}", **kw)(x, bias.astype(x.dtype), train=train)
         return x
 
@@ -199,7 +202,8 @@ class CMT(ImageClassifier):
         rates = drop_path_schedule(self.drop_path_rate, self.depths)
         grids = stage_grids(self.img_size, self.sr_ratios)
         self.stages = [CMTStage(self.embed_dims[i], self.depths[i], self.num_heads[i], self.sr_ratios[i], grids[i],
-                                self.mlp_ratio, self.qkv_bias, self.drop_rate, rates[i], self.attn_impl, **kw)
+                                self.mlp_ratio, self.qkv_bias, self.drop_rate, rates[i], self.attn_impl, self.remat,
+                                **kw)
                        for i in range(len(self.depths))]
         self.head_conv = ConvNormAct(self.fc_dim, 1, use_bias=True, act="silu", **kw)
         self.head_drop, self.head = classifier(self.num_classes, self.head_drop_rate, **kw)

@@ -66,6 +66,7 @@ from hybrid_jax.layers.mlp import classifier_head
 from hybrid_jax.layers.model import BranchClassifier
 from hybrid_jax.layers.norm import layer_norm, norm_2d
 from hybrid_jax.layers.patch import grid_to_tokens, prepend_tokens
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.models.vit import Block
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
@@ -179,13 +180,13 @@ class Conformer(BranchClassifier):
         rates = drop_path_schedule(self.drop_path_rate, (self.depth,))[0]
         transformer = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                            drop_rate=self.drop_rate, attn_impl=self.attn_impl, **kw)
-        self.trans_1 = Block(drop_path=rates[0], **transformer)
+        self.trans_1 = checkpointed(Block, self.remat)(drop_path=rates[0], **transformer)
         third = self.depth // 3
         blocks = []
         for i in range(2, self.depth + 1):
             stage = (i - 1) // third  # blocks 2..third: 0; the next third: 1; the last third: 2
             first = i in (third + 1, 2 * third + 1)  # the first block of the 2nd and 3rd thirds halves the map
-            blocks.append(ConvTransBlock(width * 2 ** stage, 2 if first else 1, first,
+            blocks.append(checkpointed(ConvTransBlock, self.remat)(width * 2 ** stage, 2 if first else 1, first,
                                          num_med_block=self.num_med_block, last_fusion=i == self.depth,
                                          drop_path=rates[i - 1], name=f"conv_trans_{i}", **transformer))
         self.conv_trans = blocks

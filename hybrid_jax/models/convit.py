@@ -55,6 +55,7 @@ from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier
 from hybrid_jax.layers.model import ImageClassifier
 from hybrid_jax.layers.norm import layer_norm
 from hybrid_jax.layers.patch import PatchEmbed, grid_to_tokens, prepend_tokens, resample_pos_embed
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -196,7 +197,8 @@ class ConViT(ImageClassifier):
                                     (1, 1, self.embed_dim), self.param_dtype)
         self.pos_drop = nn.Dropout(self.drop_rate)
         rates = drop_path_schedule(self.drop_path_rate, (self.depth,))[0]
-        self.blocks = [ConvitBlock(self.num_heads, i < self.local_up_to_layer, self.mlp_ratio, self.qkv_bias,
+        block = checkpointed(ConvitBlock, self.remat)
+        self.blocks = [block(self.num_heads, i < self.local_up_to_layer, self.mlp_ratio, self.qkv_bias,
                                    self.locality_strength, self.drop_rate, rate, self.attn_impl, **kw)
                        for i, rate in enumerate(rates)]
         self.norm = layer_norm(**kw)

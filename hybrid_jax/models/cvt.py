@@ -42,6 +42,7 @@ from hybrid_jax.layers.mlp import DENSE_INIT, HEAD_INIT, Mlp, classifier
 from hybrid_jax.layers.model import ImageClassifier
 from hybrid_jax.layers.norm import layer_norm
 from hybrid_jax.layers.patch import grid_to_tokens, prepend_tokens, tokens_to_grid
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -151,6 +152,7 @@ class CvtStage(nn.Module):
     drop_rate: float = 0.0
     drop_path_rates: Sequence[float] = ()
     attn_impl: str = "auto"
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -166,8 +168,9 @@ class CvtStage(nn.Module):
                              (1, 1, self.features), self.param_dtype)
             x = prepend_tokens(x, cls)
         rates = self.drop_path_rates or (0.0,) * self.depth
+        block = checkpointed(CvtBlock, self.remat)
         for i in range(self.depth):
-            x = CvtBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.kernel_qkv, self.stride_kv, self.stride_q,
+            x = block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.kernel_qkv, self.stride_kv, self.stride_q,
                          self.drop_rate, rates[i], self.attn_impl, name=f"blocks_{i}", **kw)(
                 x, size, with_cls=self.with_cls, train=train)
         cls, x = tokens_to_grid(x, size, int(self.with_cls))
@@ -200,7 +203,7 @@ class CvT(ImageClassifier):
                      self.patch_paddings[i], self.cls_token and i == last, self.mlp_ratio, self.qkv_bias,
                      self.kernel_qkv, self.stride_kv, self.stride_q, self.drop_rate,
                      drop_path_schedule(self.drop_path_rate, (self.depths[i],))[0] if i == last else (),
-                     self.attn_impl, **kw)
+                     self.attn_impl, self.remat, **kw)
             for i in range(len(self.depths))]
         self.norm = layer_norm(LN_EPS, **kw)
         self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)

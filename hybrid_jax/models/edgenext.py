@@ -52,6 +52,7 @@ from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier
 from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.norm import layer_norm
 from hybrid_jax.layers.patch import grid_to_tokens
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -201,6 +202,7 @@ class EdgeNeXtStage(nn.Module):
     layer_scale: float = 1e-6
     drop_path_rates: Sequence[float] = ()
     attn_impl: str = "auto"
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -211,12 +213,13 @@ class EdgeNeXtStage(nn.Module):
             x = layer_norm(LN_EPS, name="downsample_norm", **kw)(x)
             x = Conv2d(self.features, 2, 2, padding=0, use_bias=True, name="downsample_conv", **kw)(x)
         rates = self.drop_path_rates or (0.0,) * self.depth
+        conv_encoder, sdta_encoder = checkpointed(ConvEncoder, self.remat), checkpointed(SDTAEncoder, self.remat)
         for i in range(self.depth):
             if i < self.depth - self.num_global:
-                x = ConvEncoder(self.kernel_size, self.expand_ratio, self.layer_scale, rates[i], name=f"blocks_{i}",
+                x = conv_encoder(self.kernel_size, self.expand_ratio, self.layer_scale, rates[i], name=f"blocks_{i}",
                                 **kw)(x, train=train)
             else:
-                x = SDTAEncoder(self.num_heads, self.scales, self.use_pos_emb, self.expand_ratio, self.layer_scale,
+                x = sdta_encoder(self.num_heads, self.scales, self.use_pos_emb, self.expand_ratio, self.layer_scale,
                                 rates[i], self.attn_impl, name=f"blocks_{i}", **kw)(x, train=train)
         return nn.with_logical_constraint(x, MAP)
 
@@ -243,7 +246,7 @@ class EdgeNeXt(ImageClassifier):
         self.stages = [
             EdgeNeXtStage(self.dims[i], self.depths[i], i > 0, self.global_blocks[i], self.kernel_sizes[i],
                           self.heads[i], self.scales[i], self.use_pos_emb[i], self.expand_ratio, self.layer_scale,
-                          rates[i], self.attn_impl, **kw)
+                          rates[i], self.attn_impl, self.remat, **kw)
             for i in range(len(self.dims))]
         self.norm = layer_norm(LN_EPS, **kw)
         self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)

@@ -46,6 +46,7 @@ from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.mlp import DENSE_INIT, HEAD_INIT
 from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.patch import grid_to_tokens
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -232,6 +233,7 @@ class LevitStage(nn.Module):
     act: str = "hard_swish"
     drop_path: float = 0.0
     attn_impl: str = "auto"
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -240,13 +242,14 @@ class LevitStage(nn.Module):
         kw = dict(act=self.act, drop_path=self.drop_path, attn_impl=self.attn_impl, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         grid = self.table_grid
+        downsample, block = checkpointed(LevitDownsample, self.remat), checkpointed(LevitBlock, self.remat)
         if self.downsample:
             # The shrinking attention has as many heads as key_dim-wide slices of its input.
-            x = LevitDownsample(self.features, self.key_dim, x.shape[-1] // self.key_dim, grid,
+            x = downsample(self.features, self.key_dim, x.shape[-1] // self.key_dim, grid,
                                 self.down_attn_ratio, self.down_mlp_ratio, name="downsample", **kw)(x, train=train)
             grid = tuple((r - 1) // 2 + 1 for r in grid)
         for i in range(self.depth):
-            x = LevitBlock(self.key_dim, self.num_heads, self.attn_ratio, self.mlp_ratio, grid,
+            x = block(self.key_dim, self.num_heads, self.attn_ratio, self.mlp_ratio, grid,
                            name=f"blocks_{i}", **kw)(x, train=train)
         return nn.with_logical_constraint(x, MAP)
 
@@ -299,7 +302,8 @@ class Levit(ImageClassifier):
             stages.append(LevitStage(features, depth, self.key_dim, heads, self.attn_ratio, self.mlp_ratio, grid,
                                      downsample=i > 0, down_attn_ratio=self.down_attn_ratio,
                                      down_mlp_ratio=self.down_mlp_ratio, act=self.act,
-                                     drop_path=self.drop_path_rate, attn_impl=self.attn_impl, **kw))
+                                     drop_path=self.drop_path_rate, attn_impl=self.attn_impl, remat=self.remat,
+                                     **kw))
             if i > 0:
                 grid = tuple((r - 1) // 2 + 1 for r in grid)
         self.stages = stages

@@ -53,6 +53,7 @@ from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier
 from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.norm import layer_norm, norm_2d
 from hybrid_jax.layers.relpos import RelPosBias
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -308,6 +309,7 @@ class Stage(nn.Module):
     partition_size: int
     cfg: BlockConfig = BlockConfig()
     drop_path_rates: Sequence[float] = ()
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -318,11 +320,11 @@ class Stage(nn.Module):
             kw = dict(features=self.features, strides=2 if i == 0 else 1, cfg=self.cfg, drop_path=rates[i],
                       dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")
             if self.block_type == "C":
-                block = MBConv(**kw)
+                block = checkpointed(MBConv, self.remat)(**kw)
             elif self.block_type == "T":
-                block = TransformerBlock(table_size=(self.map_size,) * 2, **kw)
+                block = checkpointed(TransformerBlock, self.remat)(table_size=(self.map_size,) * 2, **kw)
             else:
-                block = MaxViTBlock(partition_size=(self.partition_size,) * 2, **kw)
+                block = checkpointed(MaxViTBlock, self.remat)(partition_size=(self.partition_size,) * 2, **kw)
             x = block(x, train=train)
         return nn.with_logical_constraint(x, MAP)
 
@@ -382,8 +384,9 @@ class MaxxVit(ImageClassifier):
         rates = drop_path_schedule(self.drop_path_rate, self.depths)
         sizes = stage_sizes(self.img_size, len(self.depths))
         partition = self.partition_size or self.img_size // 32
-        self.stages = [Stage(kind, depth, dim, size, partition, cfg, rate, **kw) for kind, depth, dim, size, rate
-                       in zip(self.block_types, self.depths, self.embed_dims, sizes, rates)]
+        stages = zip(self.block_types, self.depths, self.embed_dims, sizes, rates)
+        self.stages = [Stage(kind, depth, dim, size, partition, cfg, rate, self.remat, **kw)
+                       for kind, depth, dim, size, rate in stages]
         self.norm = layer_norm(self.attn_norm_eps, **kw)
         if self.head_hidden:
             self.pre_logits = nn.Dense(self.head_hidden, kernel_init=with_logical_partitioning(DENSE_INIT, (

@@ -50,6 +50,7 @@ from hybrid_jax.layers.dyrelu import DynamicReLU
 from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.model import ImageClassifier
 from hybrid_jax.layers.norm import layer_norm, norm_2d
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -224,14 +225,14 @@ class MobileFormer(ImageClassifier):
         self.tokens = self.param("tokens", with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
                                  (self.token_num, self.token_dim), self.param_dtype)
         self.stem = ConvNormAct(self.stem_features, 3, strides=2, act="relu6", **kw)
-        layers = []
+        layers, lite, block = [], checkpointed(LiteBottleneck, self.remat), checkpointed(MobileFormerBlock, self.remat)
         for i, (kind, expand, features, strides, expand2) in enumerate(self.blocks):
             # The official schedule: block i of n drops with rate * (i + 1) / n, on both branches.
             rate = self.drop_path_rate * (i + 1) / len(self.blocks)
             if kind == "lite":
-                layers.append(LiteBottleneck(features, expand, strides, groups=self.groups, **kw))
+                layers.append(lite(features, expand, strides, groups=self.groups, **kw))
             else:
-                layers.append(MobileFormerBlock(kind, features, expand, strides, expand2, self.groups,
+                layers.append(block(kind, features, expand, strides, expand2, self.groups,
                                                 self.bridge_heads, self.former_heads, rate, self.attn_impl, **kw))
         self.features = layers
         self.local_global = MobileToFormer(self.bridge_heads, drop_path=self.drop_path_rate, attn_impl=self.attn_impl,
@@ -255,8 +256,8 @@ class MobileFormer(ImageClassifier):
         tokens = jnp.broadcast_to(self.tokens, (x.shape[0],) + self.tokens.shape)
         x = self.stem(x, train=train)
         features = {"stem": x}
-        for i, layer in enumerate(self.features):
-            if isinstance(layer, LiteBottleneck):
+        for i, ((kind, *_), layer) in enumerate(zip(self.blocks, self.features)):
+            if kind == "lite":
                 x = layer(x, train=train)
             else:
                 x, tokens = layer(x, tokens, train=train)

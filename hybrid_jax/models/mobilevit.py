@@ -43,6 +43,7 @@ from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.mlp import Mlp, classifier
 from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.norm import layer_norm
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -147,6 +148,7 @@ class MobileViTStage(nn.Module):
     drop_rate: float = 0.0
     drop_path_rates: Sequence[float] = ()  # one per block, the MobileViT block counted as one
     attn_impl: str = "auto"
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -154,12 +156,14 @@ class MobileViTStage(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rates = self.drop_path_rates or (0.0,) * (self.depth + bool(self.transformer_dim))
+        inverted_residual = checkpointed(InvertedResidual, self.remat)
+        mobilevit_block = checkpointed(MobileViTBlock, self.remat)
         for i in range(self.depth):
-            x = InvertedResidual(self.features, self.expand_ratio, strides=self.strides if i == 0 else 1, act="silu",
+            x = inverted_residual(self.features, self.expand_ratio, strides=self.strides if i == 0 else 1, act="silu",
                                  drop_path=rates[i], name=f"blocks_{i}", **kw)(x, train=train)
         if self.transformer_dim:
             # Named after its index in the stage, as timm's `stages.i.j`.
-            x = MobileViTBlock(self.transformer_dim, self.transformer_depth, self.patch_size, self.num_heads,
+            x = mobilevit_block(self.transformer_dim, self.transformer_depth, self.patch_size, self.num_heads,
                                self.mlp_ratio, drop_rate=self.drop_rate, drop_path=rates[self.depth],
                                attn_impl=self.attn_impl, name=f"blocks_{self.depth}", **kw)(x, train=train)
         return nn.with_logical_constraint(x, MAP)
@@ -189,7 +193,7 @@ class MobileViT(ImageClassifier):
         self.stages = [
             MobileViTStage(self.widths[i], self.depths[i], self.strides[i], self.expand_ratio,
                            self.transformer_dims[i], self.transformer_depths[i], self.patch_size, self.num_heads,
-                           self.mlp_ratio, self.drop_rate, rates[i], self.attn_impl, **kw)
+                           self.mlp_ratio, self.drop_rate, rates[i], self.attn_impl, self.remat, **kw)
             for i in range(len(self.widths))]
         self.final_conv = ConvNormAct(self.num_features, 1, act="silu", **kw)
         self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)

@@ -57,6 +57,7 @@ from hybrid_jax.layers.mlp import classifier_head
 from hybrid_jax.layers.model import BranchClassifier
 from hybrid_jax.layers.norm import layer_norm
 from hybrid_jax.layers.patch import PatchEmbed, grid_to_tokens, prepend_tokens, resample_pos_embed
+from hybrid_jax.layers.remat import checkpointed
 from hybrid_jax.models.vit import Block
 from hybrid_jax.registry import register_variants
 
@@ -108,7 +109,7 @@ class ParallelHybrid(BranchClassifier):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.stem = Stem(self.stem_width, self.stem_stride, **kw)
         cnn_rates = drop_path_schedule(self.drop_path_rate, self.layers)
-        self.stages = [ResNetStage(self.block, depth, width, stride, rates, **kw)
+        self.stages = [ResNetStage(self.block, depth, width, stride, rates, remat=self.remat, **kw)
                        for depth, width, stride, rates in zip(self.layers, self.widths, self.strides, cnn_rates)]
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, **kw)
         token_axes = (None, None, "embed")
@@ -119,7 +120,8 @@ class ParallelHybrid(BranchClassifier):
                                     (1, num_tokens, self.embed_dim), self.param_dtype)
         self.pos_drop = nn.Dropout(self.drop_rate)
         rates = [rate for stage in drop_path_schedule(self.drop_path_rate, self.depths) for rate in stage]
-        self.blocks = [Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, rate,
+        block = checkpointed(Block, self.remat)
+        self.blocks = [block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, rate,
                              attn_impl=self.attn_impl, **kw) for rate in rates]
         self.fusions = {stage: self._make_fusion(name) for stage, name in self.fusion_plan.items()}
         self.trans_norm = layer_norm(**kw)

@@ -29,7 +29,7 @@ class ResNet(ImageClassifier):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.stem = ConvNormAct(self.stem_width, 7, strides=2, **kw)
         rates = drop_path_schedule(self.drop_path_rate, self.layers)
-        self.stages = [ResNetStage(self.block, depth, width, 1 if i == 0 else 2, rates[i], **kw)
+        self.stages = [ResNetStage(self.block, depth, width, 1 if i == 0 else 2, rates[i], remat=self.remat, **kw)
                        for i, (depth, width) in enumerate(zip(self.layers, self.widths))]
         self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 

@@ -25,6 +25,8 @@ from hybrid_jax.layers.mlp import Mlp, classifier
 from hybrid_jax.layers.model import ImageClassifier
 from hybrid_jax.layers.norm import layer_norm
 from hybrid_jax.layers.patch import PatchEmbed, grid_to_tokens, prepend_tokens, resample_pos_embed
+from hybrid_jax.layers.remat import checkpointed
+from hybrid_jax.layers.scan import scanned
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -44,17 +46,18 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool, drop_path: jax.Array | None = None) -> jax.Array:
+        """`drop_path` overrides the field (a scanned stack passes each block's rate)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         scale = (lambda name: LayerScale(self.layer_scale, self.param_dtype, name=name)) if self.layer_scale else (
             lambda name: lambda y: y)
         y = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, proj_drop=self.drop_rate,
                                implementation=self.attn_impl, name="attn", **kw)(
             layer_norm(**kw, name="norm1")(x), train=train)
-        x = x + DropPath(self.drop_path)(scale("ls1")(y), train=train)
+        x = x + DropPath(self.drop_path)(scale("ls1")(y), train=train, rate=drop_path)
         y = Mlp(int(x.shape[-1] * self.mlp_ratio), dropout=self.drop_rate, name="mlp", **kw)(
             layer_norm(**kw, name="norm2")(x), train=train)
-        x = x + DropPath(self.drop_path)(scale("ls2")(y), train=train)
+        x = x + DropPath(self.drop_path)(scale("ls2")(y), train=train, rate=drop_path)
         return nn.with_logical_constraint(x, TOKENS)
 
 
@@ -63,6 +66,7 @@ class HybridStem(nn.Module):
 
     layers: Sequence[int] = (3, 4, 9)
     width: int = 64
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -74,7 +78,7 @@ class HybridStem(nn.Module):
         x = maps["stem"]
         for i, depth in enumerate(self.layers):
             x = maps[f"stage{i + 1}"] = ResNetStage("bottleneck", depth, self.width * 2 ** i, 1 if i == 0 else 2,
-                                                    name=f"stages_{i}", **kw)(x, train=train)
+                                                    remat=self.remat, name=f"stages_{i}", **kw)(x, train=train)
         return maps
 
 
@@ -92,10 +96,13 @@ class VisionTransformer(ImageClassifier):
     hybrid_layers: Sequence[int] = ()  # ResNet stages before the patch projection (R50+ViT); () for plain ViT
     global_pool: str = "token"  # token | avg
     attn_impl: str = "auto"  # xla | cudnn | auto
+    # The blocks as one nn.scan (layers/scan.py): compile time independent of depth; variables stacked under
+    # "blocks" instead of "blocks_0".."blocks_{depth-1}" (pretrained weights are stacked to fit when loaded).
+    scan_blocks: bool = False
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.hybrid_stem = HybridStem(self.hybrid_layers, **kw) if self.hybrid_layers else None
+        self.hybrid_stem = HybridStem(self.hybrid_layers, remat=self.remat, **kw) if self.hybrid_layers else None
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, **kw)
         self.cls_token = self.param("cls_token",
                                     with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
@@ -104,9 +111,14 @@ class VisionTransformer(ImageClassifier):
                                     with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
                                     (1, 1 + self.grid_size ** 2, self.embed_dim), self.param_dtype)
         self.pos_drop = nn.Dropout(self.drop_rate)
-        rates = drop_path_schedule(self.drop_path_rate, (self.depth,))[0]
-        self.blocks = [Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, rate, self.layer_scale,
-                             self.attn_impl, **kw) for rate in rates]
+        self.rates = drop_path_schedule(self.drop_path_rate, (self.depth,))[0]
+        block = checkpointed(Block, self.remat)
+        fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+                      drop_rate=self.drop_rate, layer_scale=self.layer_scale, attn_impl=self.attn_impl, **kw)
+        if self.scan_blocks:
+            self.blocks = scanned(block, self.depth)(**fields)
+        else:
+            self.blocks = [block(drop_path=rate, **fields) for rate in self.rates]
         self.norm = layer_norm(**kw)
         self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 
@@ -137,8 +149,12 @@ class VisionTransformer(ImageClassifier):
         pos_embed = resample_pos_embed(self.pos_embed, grid.shape[1:3])
         x = prepend_tokens(grid_to_tokens(grid), self.cls_token) + pos_embed.astype(grid.dtype)
         x = self.pos_drop(x, deterministic=not train)
-        for i, block in enumerate(self.blocks):
-            x = features[f"block{i}"] = block(x, train=train)
+        if self.scan_blocks:
+            _, outputs = self.blocks(x, jnp.asarray(self.rates, jnp.float32), train)
+            features |= {f"block{i}": outputs[i] for i in range(self.depth)}
+        else:
+            for i, block in enumerate(self.blocks):
+                x = features[f"block{i}"] = block(x, train=train)
         return features
 
     def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:

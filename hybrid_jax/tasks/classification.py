@@ -34,7 +34,8 @@ class ClassificationTask(Task):
         return int(round(self._train.num_examples * self.config.train_fraction))
 
     def build_model(self, dtype: Any) -> nn.Module:
-        return build_model(self.config.model, num_classes=self._train.num_classes, dtype=dtype)
+        return build_model(self.config.model, num_classes=self._train.num_classes, dtype=dtype,
+                           remat=self.config.remat)
 
     def train_step(self, model, **update) -> TrainStep:
         c = self.config

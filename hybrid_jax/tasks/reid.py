@@ -53,7 +53,7 @@ class ReidTask(Task):
 
     def build_model(self, dtype: Any) -> ReidModel:
         """`config.model` as a feature extractor under the BNNeck and identity classifier."""
-        backbone = build_model(self.config.model, num_classes=0, dtype=dtype)
+        backbone = build_model(self.config.model, num_classes=0, dtype=dtype, remat=self.config.remat)
         return ReidModel(backbone, num_classes=self._spec.num_identities,
                          center_loss=self.config.reid.center_weight > 0, dtype=dtype)
 

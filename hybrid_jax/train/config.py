@@ -15,11 +15,14 @@ import flax.linen as nn
 import ml_collections
 from ml_collections import config_dict
 
+from hybrid_jax.layers.remat import REMAT_POLICIES
+
 DTYPES = ("float32", "bfloat16")
+REMAT = tuple(REMAT_POLICIES)
 MODES = ("train", "eval")
 HEAD_LOSSES = ("each", "mean")
-# Module fields the run sets itself (the task from its data, the dtype from config.dtype).
-RUN_FIELDS = ("num_classes", "dtype", "param_dtype")
+# Module fields the run sets itself (the task from its data, the dtype and remat from config.dtype and config.remat).
+RUN_FIELDS = ("num_classes", "dtype", "param_dtype", "remat")
 # Keys that no longer exist, and what replaced them.
 RENAMED_KEYS = {
     "model_overrides": "set model fields one by one: --config.model.FIELD=VALUE (config.model is nested)",
@@ -35,6 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
     # sweeps set any field with its type checked: --config.model.drop_path_rate=0.1.
     c.model = model_config("test_resnet")
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and loss stay float32)
+    # What each block recomputes in the backward pass instead of storing (hybrid_jax/layers/remat.py): none |
+    # block (keep weight-matmul outputs) | full (keep only block inputs). Same model and numbers, more compute.
+    c.remat = "none"
     c.mode = "train"  # train | eval (score init_from on the eval split, write summary.json, train nothing)
     # Where the weights start (fine-tuning) or what mode=eval scores: a checkpoint file of config.model's
     # reference implementation (.safetensors, .npz, .pth: the authors', timm's) or the workdir of a run of
@@ -304,6 +310,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     """Fails early on values that would only break deep inside the run."""
     if config.dtype not in DTYPES:
         raise ConfigError(f"config.dtype={config.dtype!r}; choose one of {DTYPES}.")
+    if config.remat not in REMAT:
+        raise ConfigError(f"config.remat={config.remat!r}; choose one of {REMAT}.")
     if len(config.mesh_shape) != 3:
         raise ConfigError(f"config.mesh_shape={tuple(config.mesh_shape)} needs three sizes ('data', 'fsdp', 'tensor').")
     if config.grad_accum_steps < 1:
