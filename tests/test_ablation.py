@@ -210,6 +210,22 @@ def test_study_plan_puts_the_main_cell_first_and_small_data_and_budget_on_chosen
         "a": 2e-3, "b": 4e-3}
 
 
+def test_the_search_follows_a_best_rate_past_the_grids_edge_once():
+    config = ablation_config.get_config()  # grid (2e-3, 4e-3, 8e-3), one doubling or halving past it
+    models = {name: dataclasses.replace(_solution(0.02), fusion=name) for name in "ABCDE"}
+    scores = {"A": {2e-3: 0.5, 4e-3: 0.6, 8e-3: 0.7},  # best at the top: try 1.6e-2
+              "B": {2e-3: 0.7, 4e-3: 0.6, 8e-3: 0.5},  # best at the bottom: try 1e-3
+              "C": {2e-3: 0.5, 4e-3: 0.7, 8e-3: 0.6},  # inside: done
+              "D": {2e-3: 0.5, 4e-3: 0.6, 8e-3: 0.7, 1.6e-2: 0.8},  # at the top, but one doubling past it already
+              "E": {1e-3: 0.8, 2e-3: 0.7, 4e-3: 0.6, 8e-3: 0.5}}  # likewise at the bottom
+    search = [{"name": models[m].name, "learning_rate": rate, "heldout_accuracy": acc}
+              for m, by_rate in scores.items() for rate, acc in by_rate.items()]
+    small = dataclasses.replace(models["A"], budget_gmacs=0.005)  # searched at the main budget only
+    jobs = run.beyond_the_edge_jobs(config, [*models.values(), small], search)
+    assert {(job.solution.fusion, job.learning_rate) for job in jobs} == {("A", 1.6e-2), ("B", 1e-3)}
+    assert all(job.search and job.seed == config.lr_search.seed for job in jobs)
+
+
 # --------------------------------------------------------------------------- #
 # Statistics and report
 # --------------------------------------------------------------------------- #

@@ -227,6 +227,32 @@ def search_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Soluti
             for rate in config.lr_search.learning_rates]
 
 
+def beyond_the_edge_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Solution],
+                         search: list[dict[str, Any]]) -> list[Job]:
+    """A rate twice past each model's best where that best is the largest (or half the smallest) it tried.
+
+    A best rate at the edge of the rates tried says the best may lie beyond; the search follows it for at most
+    `lr_search.extend_steps` doublings (or halvings) past the configured grid.
+    """
+    grid, steps = config.lr_search.learning_rates, config.lr_search.extend_steps
+    low, high = min(grid) / 2 ** steps, max(grid) * 2 ** steps
+    tried: dict[str, list[dict[str, Any]]] = {}
+    for r in search:
+        tried.setdefault(r["name"], []).append(r)
+    jobs = []
+    for s in solutions:
+        records = tried.get(s.name, [])
+        if s.budget_gmacs != config.budgets[0] or len(records) < 2:
+            continue
+        rates = sorted(r["learning_rate"] for r in records)
+        best = max(records, key=lambda r: r["heldout_accuracy"])["learning_rate"]
+        if best == rates[-1] and best * 2 <= high * (1 + 1e-9):
+            jobs.append(Job(s, 1.0, config.lr_search.seed, best * 2, search=True))
+        elif best == rates[0] and best / 2 >= low * (1 - 1e-9):
+            jobs.append(Job(s, 1.0, config.lr_search.seed, best / 2, search=True))
+    return jobs
+
+
 def study_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Solution],
                rates: dict[str, float]) -> list[Job]:
     """The study's runs, in the order that makes a stopped part most useful: the main budget on all the data,
@@ -305,13 +331,16 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, results_di
     steps, search_steps = total_steps(config), total_steps(config, search=True)
     cache = workdir / "jax_cache" if config.compilation_cache else None
     with compilation_cache(cache):
-        jobs = search_jobs(config, solutions)
-        searched, trained, unstarted = _execute(jobs, lambda job: search_one(config, job, search_steps, workdir),
-                                                workdir=workdir, deadline=deadline)
-        search = [record for _, record in searched]
+        jobs, search, trained, unstarted = search_jobs(config, solutions), [], [], 0
+        while jobs and not unstarted:  # the grid, then one rate past every edge until no best is at one
+            searched, trained_now, unstarted = _execute(
+                jobs, lambda job: search_one(config, job, search_steps, workdir), workdir=workdir, deadline=deadline)
+            search += [record for _, record in searched]
+            trained += trained_now
+            jobs = [] if unstarted else beyond_the_edge_jobs(config, solutions, search)
         rates = choose_learning_rates(search)
         done = []
-        if not unstarted and len(search) == len(jobs):
+        if not unstarted:  # a diverged search run is no candidate; the others decide
             jobs = study_jobs(config, solutions, rates)
             done, trained_now, unstarted = _execute(jobs, lambda job: run_one(config, job, steps, workdir),
                                                     workdir=workdir, deadline=deadline)

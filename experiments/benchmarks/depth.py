@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import datetime
 import platform
+import sys
 import time
 
 import flax.linen as nn
@@ -88,8 +89,8 @@ def main() -> None:
     parser.add_argument("--out", default="", help="also write the tables to this markdown file")
     args = parser.parse_args()
     device = jax.devices()[0]
-    header = (f"Backend {device.platform} ({device.device_kind}), {platform.processor() or platform.machine()}, "
-              f"jax {jax.__version__}, {datetime.date.today()}.")
+    header = (f"`python {' '.join(sys.argv)}`: backend {device.platform} ({device.device_kind}), "
+              f"{platform.processor() or platform.machine()}, jax {jax.__version__}, {datetime.date.today()}.")
     print(header, flush=True)
     sections = [header, "", "Compile time of one train step:", ""]
     sections += compile_rows(args.compile_models.split(","), args.compile_batch, args.size)
