@@ -236,16 +236,13 @@ def beyond_the_edge_jobs(config: ml_collections.ConfigDict, solutions: list[solv
     """
     grid, steps = config.lr_search.learning_rates, config.lr_search.extend_steps
     low, high = min(grid) / 2 ** steps, max(grid) * 2 ** steps
-    tried: dict[str, list[dict[str, Any]]] = {}
-    for r in search:
-        tried.setdefault(r["name"], []).append(r)
+    chosen = choose_learning_rates(search)
     jobs = []
     for s in solutions:
-        records = tried.get(s.name, [])
-        if s.budget_gmacs != config.budgets[0] or len(records) < 2:
+        rates = sorted(r["learning_rate"] for r in search if r["name"] == s.name)
+        if s.budget_gmacs != config.budgets[0] or len(rates) < 2:
             continue
-        rates = sorted(r["learning_rate"] for r in records)
-        best = max(records, key=lambda r: r["heldout_accuracy"])["learning_rate"]
+        best = chosen[s.name]
         if best == rates[-1] and best * 2 <= high * (1 + 1e-9):
             jobs.append(Job(s, 1.0, config.lr_search.seed, best * 2, search=True))
         elif best == rates[0] and best / 2 >= low * (1 - 1e-9):

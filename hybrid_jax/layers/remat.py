@@ -30,7 +30,7 @@ REMAT_POLICIES = {
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    """A keyword value (a bool, a string, None) that jax.checkpoint must not trace."""
+    """An argument that is a Python value (a bool, a shape tuple, None), which jax.checkpoint must not trace."""
 
     value: Any
 

@@ -52,9 +52,12 @@ def stack_layers(variables: Variables, stem: str = "blocks") -> dict:
     """
     if not isinstance(variables, Mapping):
         return variables
-    layers = {i: value for name, value in variables.items() if (i := _layer_index(name, stem)) is not None}
-    out = {name: stack_layers(value, stem) for name, value in variables.items()
-           if _layer_index(name, stem) is None}
+    layers, out = {}, {}
+    for name, value in variables.items():
+        if (i := _layer_index(name, stem)) is None:
+            out[name] = stack_layers(value, stem)
+        else:
+            layers[i] = value
     if layers:
         if sorted(layers) != list(range(len(layers))):
             raise ValueError(f"{stem}_i layers are not numbered 0..{len(layers) - 1}: {sorted(layers)}")
