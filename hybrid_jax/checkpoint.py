@@ -70,19 +70,25 @@ def flatten_config(config: Any) -> dict[str, Any]:
     return flat
 
 
-def config_changes(saved: Any, current: Any, allowed: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+def config_changes(saved: Any, current: Any, allowed: Sequence[str] = (),
+                   defaults: Any = None) -> dict[str, tuple[Any, Any]]:
     """{key: (saved value, current value)} of the fields that differ and are neither ignored nor allowed.
 
     `allowed` names fields or sections ("augment" allows every augment.* field); an item may hold
     several names separated by commas, as `--config.resume_changes=total_steps,num_epochs` arrives.
+    A key the saved config lacks is no change while its current value is its value in `defaults`:
+    the field is newer than the checkpoint, and a new field's default keeps the old behaviour.
     """
     allowed = {name.strip() for item in allowed for name in str(item).split(",") if name.strip()}
     saved, current = flatten_config(saved), flatten_config(current)
+    defaults = flatten_config(defaults) if defaults is not None else {}
     absent = "<absent>"
     changes = {}
     for key in sorted(saved.keys() | current.keys()):
         parts = key.split(".")
         if key in IGNORED_CONFIG_KEYS or any(".".join(parts[:i]) in allowed for i in range(1, len(parts) + 1)):
+            continue
+        if key not in saved and key in defaults and current.get(key, absent) == defaults[key]:
             continue
         if saved.get(key, absent) != current.get(key, absent):
             changes[key] = (saved.get(key, absent), current.get(key, absent))
@@ -154,8 +160,8 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore_latest(self, abstract_state: Any, config: Any,
-                       allowed_changes: Sequence[str] = ()) -> tuple[int, Any, dict] | None:
+    def restore_latest(self, abstract_state: Any, config: Any, allowed_changes: Sequence[str] = (),
+                       defaults: Any = None) -> tuple[int, Any, dict] | None:
         """(step, state, data position) of the newest readable checkpoint, or None if there is none.
 
         Args:
@@ -163,13 +169,16 @@ class Checkpointer:
             every array is restored straight into its sharded layout.
           config: the current run's config (dict or ConfigDict), compared with the one saved.
           allowed_changes: config fields (or sections) the run may change, e.g. config.resume_changes.
+          defaults: every field's default; a field newer than the checkpoint may be absent from it
+            while it keeps its default.
 
         Raises:
           CheckpointMismatch: the newest readable step was written under another config or holds
             another state structure; it is left in place.
           CheckpointError: no step can be read (all were set aside) or the storage stays unreachable.
         """
-        found = self._newest(lambda step: self._restore_into(step, abstract_state, config, allowed_changes))
+        found = self._newest(lambda step: self._restore_into(step, abstract_state, config, allowed_changes,
+                                                             defaults))
         return None if found is None else (found[0], *found[1])
 
     def restore_variables(self, *, ema: bool = False, step: int | None = None) -> tuple[int, dict[str, Any]]:
@@ -221,14 +230,14 @@ class Checkpointer:
                                   f"to {self._aside_dir()}. Start a fresh run in another workdir, or repair them.")
         return None
 
-    def _restore_into(self, step: int, abstract_state: Any, config: Any,
-                      allowed_changes: Sequence[str]) -> tuple[Any, dict]:
+    def _restore_into(self, step: int, abstract_state: Any, config: Any, allowed_changes: Sequence[str],
+                      defaults: Any) -> tuple[Any, dict]:
         """(state, data position) of `step` if it fits the run; raises CheckpointMismatch or _Unreadable if not."""
         metadata = self._read(step, lambda: self._manager.item_metadata(step), "its metadata")
         saved = metadata.get("state")
         if saved is None or not ocp.tree.to_flat_dict(saved):  # every state has arrays: this is a partial copy
             raise _Unreadable("its state: no arrays are listed")
-        self._check_config(step, "config" in metadata, config, allowed_changes)
+        self._check_config(step, "config" in metadata, config, allowed_changes, defaults)
         if differences := tree_differences(saved, abstract_state):
             raise CheckpointMismatch(
                 f"the checkpoint at step {step} in {self.directory} holds another state structure than this run "
@@ -257,7 +266,8 @@ class Checkpointer:
         except Exception as error:  # orbax raises many types for damaged files
             raise _Unreadable(f"{what}: {type(error).__name__}: {str(error)[:300]}") from error
 
-    def _check_config(self, step: int, saved_config: bool, config: Any, allowed_changes: Sequence[str]) -> None:
+    def _check_config(self, step: int, saved_config: bool, config: Any, allowed_changes: Sequence[str],
+                      defaults: Any) -> None:
         """Raises CheckpointMismatch when `step` was written under a config that differs in a field not allowed."""
         if not saved_config:
             log.warning("the checkpoint at step %d in %s saved no config, so whether it was written under this "
@@ -265,7 +275,7 @@ class Checkpointer:
             return
         saved = self._read(step, lambda: self._manager.restore(
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], "its config")
-        if changes := config_changes(saved, config, allowed_changes):
+        if changes := config_changes(saved, config, allowed_changes, defaults):
             listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
             raise CheckpointMismatch(
                 f"the checkpoint at step {step} in {self.directory} was written under another config ({listed}); it "

@@ -271,6 +271,13 @@ def test_a_changed_config_stops_the_resume_and_leaves_the_checkpoint(fmnist_dir,
                            tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == saved
     assert not (tmp_path / "checkpoints_unreadable").exists()
+    # A checkpoint older than a field (here remat) resumes while the field keeps its default, not otherwise.
+    saved_config = tmp_path / "checkpoints" / "10" / "config" / "metadata"
+    older = json.loads(saved_config.read_text())
+    del older["remat"]
+    saved_config.write_text(json.dumps(older))
+    with pytest.raises(CheckpointMismatch, match=r"another config \(remat '<absent>' -> 'full'\)"):
+        train_and_evaluate(_config(fmnist_dir, total_steps=10, remat="full"), tmp_path)
     # A longer schedule, allowed, resumes from step 10.
     summary = train_and_evaluate(_config(fmnist_dir, total_steps=15, resume_changes=("total_steps",)), tmp_path)
     assert summary["steps"] == 15

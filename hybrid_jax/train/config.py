@@ -207,6 +207,13 @@ def model_config(name: str, **changes: Any) -> ml_collections.ConfigDict:
     return config
 
 
+def config_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Every key's default for a run of `config.model.name`: what a key newer than a checkpoint stood for."""
+    defaults = default_config()
+    defaults.model = model_config(config.model.name)
+    return defaults
+
+
 def _tuples(value: Any) -> Any:
     """Lists (what JSON gives back for tuples) as tuples, which Flax module fields need to be hashable."""
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -34,7 +34,7 @@ from hybrid_jax.parallel.mesh import make_mesh
 from hybrid_jax.parallel.placement import Placement, ShardedJit
 from hybrid_jax.parallel.rules import DEFAULT_RULES
 from hybrid_jax.tasks import Evaluate, Task, make_task
-from hybrid_jax.train.config import ConfigError
+from hybrid_jax.train.config import ConfigError, config_defaults
 from hybrid_jax.train.init_from import start_from
 from hybrid_jax.train.optim import make_optimizer
 from hybrid_jax.train.state import TrainState, plan_train_state
@@ -249,7 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
 
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.max_to_keep,
                                 async_save=config.async_checkpoint)
-    restored = checkpointer.restore_latest(run.abstract_state, config, tuple(config.resume_changes))
+    restored = checkpointer.restore_latest(run.abstract_state, config, tuple(config.resume_changes),
+                                           defaults=config_defaults(config))
     start_step = 0
     if restored is None:
         state = _initial_state(run)
