@@ -4,11 +4,11 @@ import os
 
 from hybrid_jax.runtime import set_default_xla_flags
 
-# Must happen before jax initialises its backends.
+# Must happen before jax initialises its backends; the platform first, since the CPU flags depend on it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 set_default_xla_flags()
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

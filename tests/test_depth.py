@@ -3,6 +3,7 @@
 import re
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,25 +114,52 @@ def test_config_remat_reaches_the_model_the_loop_builds():
     assert "remat" not in model_config("test_resnet")  # a run setting, not a field of config.model
 
 
-def test_scanned_vit_computes_what_the_loop_does():
-    x = _images("test_vit")
-    loop = create_model("test_vit", depth=3, drop_path_rate=0.2)
-    scan = create_model("test_vit", depth=3, drop_path_rate=0.2, scan_blocks=True)
-    variables = _init(loop, x)
-    stacked = stack_layers(variables)
-    assert jax.tree.structure(stacked) == jax.tree.structure(_init(scan, x))
-    assert stacked["params"]["blocks"]["mlp"]["fc1"]["kernel"].shape[0] == 3
+# Models with the runs their scan forms: runs of identical blocks, never across a change of block or a fusion.
+SCANNED = [
+    ("test_vit", dict(depth=3, drop_path_rate=0.2), ["blocks_0to2"]),
+    ("test_vit_r50", dict(depth=2), ["blocks_0to1"]),  # the ResNet stem's own blocks_0 stay looped
+    ("test_convit", dict(depth=5, local_up_to_layer=3), ["blocks_0to2", "blocks_3to4"]),
+    pytest.param("parallel_hybrid_tiny", dict(depths=(2, 1, 3, 1)), ["blocks_0to1", "blocks_3to5"],
+                 marks=pytest.mark.slow),
+    pytest.param("test_levit", dict(depth=(2, 3)), ["stages_0/blocks_0to1", "stages_1/blocks_0to2"],
+                 marks=pytest.mark.slow),
+    pytest.param("conformer_tiny_32", dict(depth=9), ["conv_trans_2to3", "conv_trans_5to6"], marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name, fields, runs", SCANNED)
+def test_scanned_blocks_compute_what_the_loop_does(name, fields, runs):
+    x = _images(name)
+    loop, scan = create_model(name, **fields), create_model(name, scan_blocks=True, **fields)
+    variables, scanned = _init(loop, x), _init(scan, x)
+    names = {"/".join(path) for path in flax.traverse_util.flatten_dict(scanned["params"])}
+    assert sorted({re.sub(r"(to\d+)/.*", r"\1", n) for n in names if re.search(r"_\d+to\d+/", n)}) == runs
+    stacked = stack_layers(variables, like=scanned)
+    assert jax.tree.map(np.shape, stacked) == jax.tree.map(np.shape, scanned)
     jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), variables)
-    ours, theirs = (jax.jit(lambda v, x, m=m: m.apply(v, x, method=m.forward_features))(v, x)
-                    for m, v in ((scan, stacked), (loop, variables)))
-    for key in theirs:
-        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-5, err_msg=key)
-    grads = {}
-    for model, v in ((scan, stacked), (loop, variables)):
-        grads[model.scan_blocks] = jax.grad(lambda p, m=model: m.apply({"params": p}, x, train=False).sum())(
-            v["params"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads[True],
-                 stack_layers(grads[False]))
+
+    def features(model, variables, train):  # the features and the batch statistics, moved in train mode
+        return model.apply(variables, x, train=train, method=model.forward_features, mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.key(3)})
+
+    # Train mode too where a scanned run holds batch statistics, which it must update per layer.
+    stats = flax.traverse_util.flatten_dict(scanned.get("batch_stats", {}), sep="/")
+    for train in (False, True) if any(re.search(r"_\d+to\d+/", path) for path in stats) else (False,):
+        ours, theirs = (jax.jit(features, static_argnums=(0, 2))(m, v, train)
+                        for m, v in ((scan, stacked), (loop, variables)))
+        _assert_close_trees(ours, (theirs[0], stack_layers(theirs[1], like=scanned)))
+    if name == "test_vit":  # the scan's backward pass is the same for every model
+        grads = {}
+        for model, v in ((scan, stacked), (loop, variables)):
+            grads[model.scan_blocks] = jax.jit(jax.grad(lambda p, m=model: m.apply({"params": p}, x, train=False).sum()))(
+                v["params"])
+        _assert_close_trees(grads[True], stack_layers(grads[False], like=scanned["params"]))
+
+
+def _assert_close_trees(ours, theirs):
+    """Equal up to float32 reassociation, measured against the tree's largest value (values of 100 beside 0.1)."""
+    scale = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(theirs))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), ours, theirs)
 
 
 def test_stochastic_depth_in_a_scan_drops_with_each_blocks_rate():

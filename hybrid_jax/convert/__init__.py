@@ -153,10 +153,9 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any], model: nn.Modul
     sd = StateDict(state_dict, ignore=getattr(module, "IGNORE", ()))
     variables = module.convert(source, sd)
     sd.finish()
-    if getattr(model, "scan_blocks", False):  # converters write one subtree per block; a scan stacks them
-        variables = stack_layers(variables)
     size = getattr(model, "img_size", None) or entry.input_size
     expected = model_shapes(model, size)
+    variables = stack_layers(variables, like=expected)  # converters write one subtree per block; scans stack runs
     if fit:
         head = set()
         if source.num_classes != model.num_classes:

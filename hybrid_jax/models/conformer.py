@@ -67,6 +67,7 @@ from hybrid_jax.layers.model import BranchClassifier
 from hybrid_jax.layers.norm import layer_norm, norm_2d
 from hybrid_jax.layers.patch import grid_to_tokens, prepend_tokens
 from hybrid_jax.layers.remat import checkpointed
+from hybrid_jax.layers.scan import block_sequence, run_sequence
 from hybrid_jax.models.vit import Block
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
@@ -124,7 +125,9 @@ class ConvTransBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, tokens: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, tokens: jax.Array, *, train: bool,
+                 drop_path: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """`drop_path` overrides the transformer block's rate (a scanned stack passes each block's)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x, x2 = ConvBlock(self.features, self.strides, self.res_conv, name="cnn_block", **kw)(x, train=train)
         fcu = FeatureCouplingUnit(num_prefix_tokens=1, name="fcu", **kw)
@@ -132,7 +135,7 @@ class ConvTransBlock(nn.Module):
         # The official FCUDown output carries the class token, which the block adds to the stream again.
         fused = fused.at[:, :1].add(tokens[:, :1])
         tokens = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, self.drop_path,
-                       attn_impl=self.attn_impl, name="trans_block", **kw)(fused, train=train)
+                       attn_impl=self.attn_impl, name="trans_block", **kw)(fused, train=train, drop_path=drop_path)
         for i in range(self.num_med_block):
             x, _ = ConvBlock(self.features, name=f"med_block_{i}", **kw)(x, train=train)
         x, _ = ConvBlock(self.features, 2 if self.last_fusion else 1, self.last_fusion, name="fusion_block", **kw)(
@@ -155,6 +158,9 @@ class Conformer(BranchClassifier):
     stem_width: int = 64
     stem_stride: int = 4  # 4: 7x7/2 conv + 3x3/2 max pool (official) | 1: one 3x3 conv, for 28-32 px inputs
     attn_impl: str = "auto"  # xla | cudnn | auto
+    # Runs of identical ConvTransBlocks as nn.scans (layers/scan.py): at depth 12 "conv_trans_2to4",
+    # "conv_trans_6to8" and "conv_trans_10to11"; the blocks that change width or stride stay on their own.
+    scan_blocks: bool = False
 
     def setup(self):
         if self.depth % 3 or self.depth < 3:
@@ -182,14 +188,15 @@ class Conformer(BranchClassifier):
                            drop_rate=self.drop_rate, attn_impl=self.attn_impl, **kw)
         self.trans_1 = checkpointed(Block, self.remat)(drop_path=rates[0], **transformer)
         third = self.depth // 3
-        blocks = []
+        layers = []
         for i in range(2, self.depth + 1):
             stage = (i - 1) // third  # blocks 2..third: 0; the next third: 1; the last third: 2
             first = i in (third + 1, 2 * third + 1)  # the first block of the 2nd and 3rd thirds halves the map
-            blocks.append(checkpointed(ConvTransBlock, self.remat)(width * 2 ** stage, 2 if first else 1, first,
-                                         num_med_block=self.num_med_block, last_fusion=i == self.depth,
-                                         drop_path=rates[i - 1], name=f"conv_trans_{i}", **transformer))
-        self.conv_trans = blocks
+            layers.append(dict(features=width * 2 ** stage, strides=2 if first else 1, res_conv=first,
+                               num_med_block=self.num_med_block, last_fusion=i == self.depth,
+                               drop_path=rates[i - 1], **transformer))
+        self.conv_trans = block_sequence(checkpointed(ConvTransBlock, self.remat), layers, name="conv_trans",
+                                         scan=self.scan_blocks, start=2)
         self.trans_norm = layer_norm(1e-5, **kw)
         if self.num_classes:
             self.conv_cls_head = classifier_head(self.num_classes, **kw)
@@ -225,8 +232,8 @@ class Conformer(BranchClassifier):
         x, _ = self.conv_1(stem, train=train)
         tokens = self.trans_1(prepend_tokens(grid_to_tokens(self.trans_patch_conv(stem)), self.cls_token), train=train)
         features["cnn1"], features["transformer1"] = x, tokens
-        for i, block in enumerate(self.conv_trans, start=2):
-            x, tokens = block(x, tokens, train=train)
+        _, outputs = run_sequence(self.conv_trans, (x, tokens), train=train)
+        for i, (x, tokens) in enumerate(outputs, start=2):
             features[f"cnn{i}"], features[f"transformer{i}"] = x, tokens
         return features
 

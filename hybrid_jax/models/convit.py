@@ -56,6 +56,7 @@ from hybrid_jax.layers.model import ImageClassifier
 from hybrid_jax.layers.norm import layer_norm
 from hybrid_jax.layers.patch import PatchEmbed, grid_to_tokens, prepend_tokens, resample_pos_embed
 from hybrid_jax.layers.remat import checkpointed
+from hybrid_jax.layers.scan import block_sequence, run_sequence
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -152,7 +153,9 @@ class ConvitBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, grid: tuple[int, int], *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, grid: tuple[int, int], *, train: bool,
+                 drop_path: jax.Array | None = None) -> jax.Array:
+        """`drop_path` overrides the field (a scanned stack passes each block's rate)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = layer_norm(name="norm1", **kw)(x)
         if self.use_gpsa:
@@ -161,10 +164,10 @@ class ConvitBlock(nn.Module):
         else:
             y = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, proj_drop=self.drop_rate,
                                    implementation=self.attn_impl, name="attn", **kw)(y, train=train)
-        x = x + DropPath(self.drop_path)(y, train=train)
+        x = x + DropPath(self.drop_path)(y, train=train, rate=drop_path)
         y = Mlp(int(x.shape[-1] * self.mlp_ratio), dropout=self.drop_rate, name="mlp", **kw)(
             layer_norm(name="norm2", **kw)(x), train=train)
-        x = x + DropPath(self.drop_path)(y, train=train)
+        x = x + DropPath(self.drop_path)(y, train=train, rate=drop_path)
         return nn.with_logical_constraint(x, TOKENS)
 
 
@@ -182,6 +185,8 @@ class ConViT(ImageClassifier):
     locality_strength: float = 1.0
     global_pool: str = "token"  # token | avg
     attn_impl: str = "auto"  # xla | cudnn | auto
+    # The GPSA blocks and the global blocks as two nn.scans (layers/scan.py): "blocks_0to9", "blocks_10to11".
+    scan_blocks: bool = False
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -197,10 +202,13 @@ class ConViT(ImageClassifier):
                                     (1, 1, self.embed_dim), self.param_dtype)
         self.pos_drop = nn.Dropout(self.drop_rate)
         rates = drop_path_schedule(self.drop_path_rate, (self.depth,))[0]
-        block = checkpointed(ConvitBlock, self.remat)
-        self.blocks = [block(self.num_heads, i < self.local_up_to_layer, self.mlp_ratio, self.qkv_bias,
-                                   self.locality_strength, self.drop_rate, rate, self.attn_impl, **kw)
-                       for i, rate in enumerate(rates)]
+        fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+                      locality_strength=self.locality_strength, drop_rate=self.drop_rate, attn_impl=self.attn_impl,
+                      **kw)
+        self.blocks = block_sequence(
+            checkpointed(ConvitBlock, self.remat),
+            [dict(fields, use_gpsa=i < self.local_up_to_layer, drop_path=rate) for i, rate in enumerate(rates)],
+            name="blocks", scan=self.scan_blocks)
         self.norm = layer_norm(**kw)
         self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 
@@ -217,11 +225,10 @@ class ConViT(ImageClassifier):
         x = grid_to_tokens(grid)
         x = x + resample_pos_embed(self.pos_embed, grid.shape[1:3], num_prefix_tokens=0).astype(x.dtype)
         x = self.pos_drop(x, deterministic=not train)
-        for i, block in enumerate(self.blocks):
-            if i == self.local_up_to_layer:
-                x = prepend_tokens(x, self.cls_token)
-            x = features[f"block{i}"] = block(x, grid.shape[1:3], train=train)
-        return features
+        x, local = run_sequence(self.blocks, x, grid.shape[1:3], train=train, layers=range(self.local_up_to_layer))
+        _, outputs = run_sequence(self.blocks, prepend_tokens(x, self.cls_token), grid.shape[1:3], train=train,
+                                  layers=range(self.local_up_to_layer, self.depth))
+        return features | {f"block{i}": tokens for i, tokens in enumerate(local + outputs)}
 
     def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
         """The normed final tokens and the pooled features: the class token, or the mean of the patch tokens."""

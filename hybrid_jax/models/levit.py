@@ -47,6 +47,7 @@ from hybrid_jax.layers.mlp import DENSE_INIT, HEAD_INIT
 from hybrid_jax.layers.model import ImageClassifier, run_stages
 from hybrid_jax.layers.patch import grid_to_tokens
 from hybrid_jax.layers.remat import checkpointed
+from hybrid_jax.layers.scan import block_sequence, run_sequence
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -183,13 +184,14 @@ class LevitBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool, drop_path: float | jax.Array | None = None) -> jax.Array:
+        """`drop_path` overrides the field (a scanned stack passes it)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = LevitAttention(self.key_dim, self.num_heads, self.attn_ratio, self.table_grid, act=self.act,
                            attn_impl=self.attn_impl, name="attn", **kw)(x, train=train)
-        x = x + DropPath(self.drop_path)(y, train=train)
+        x = x + DropPath(self.drop_path)(y, train=train, rate=drop_path)
         y = LevitMlp(int(x.shape[-1] * self.mlp_ratio), self.act, name="mlp", **kw)(x, train=train)
-        return x + DropPath(self.drop_path)(y, train=train)
+        return x + DropPath(self.drop_path)(y, train=train, rate=drop_path)
 
 
 class LevitDownsample(nn.Module):
@@ -234,6 +236,7 @@ class LevitStage(nn.Module):
     drop_path: float = 0.0
     attn_impl: str = "auto"
     remat: str = "none"
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -246,11 +249,12 @@ class LevitStage(nn.Module):
         if self.downsample:
             # The shrinking attention has as many heads as key_dim-wide slices of its input.
             x = downsample(self.features, self.key_dim, x.shape[-1] // self.key_dim, grid,
-                                self.down_attn_ratio, self.down_mlp_ratio, name="downsample", **kw)(x, train=train)
+                           self.down_attn_ratio, self.down_mlp_ratio, name="downsample", **kw)(x, train=train)
             grid = tuple((r - 1) // 2 + 1 for r in grid)
-        for i in range(self.depth):
-            x = block(self.key_dim, self.num_heads, self.attn_ratio, self.mlp_ratio, grid,
-                           name=f"blocks_{i}", **kw)(x, train=train)
+        fields = dict(key_dim=self.key_dim, num_heads=self.num_heads, attn_ratio=self.attn_ratio,
+                      mlp_ratio=self.mlp_ratio, table_grid=grid, **kw)
+        x, _ = run_sequence(block_sequence(block, [fields] * self.depth, name="blocks", scan=self.scan_blocks), x,
+                            train=train)
         return nn.with_logical_constraint(x, MAP)
 
 
@@ -286,6 +290,8 @@ class Levit(ImageClassifier):
     act: str = "hard_swish"
     distilled: bool = True  # a second (distillation) head, averaged with the first
     attn_impl: str = "auto"  # xla | cudnn | auto
+    # Each stage's blocks as one nn.scan (layers/scan.py): "stages_{i}/blocks_0to{depth-1}", variables stacked.
+    scan_blocks: bool = False
     # drop_path_rate: the same rate on every residual branch, as the official code
 
     stem_stride = 16
@@ -303,7 +309,7 @@ class Levit(ImageClassifier):
                                      downsample=i > 0, down_attn_ratio=self.down_attn_ratio,
                                      down_mlp_ratio=self.down_mlp_ratio, act=self.act,
                                      drop_path=self.drop_path_rate, attn_impl=self.attn_impl, remat=self.remat,
-                                     **kw))
+                                     scan_blocks=self.scan_blocks, **kw))
             if i > 0:
                 grid = tuple((r - 1) // 2 + 1 for r in grid)
         self.stages = stages

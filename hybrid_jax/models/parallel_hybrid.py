@@ -58,6 +58,7 @@ from hybrid_jax.layers.model import BranchClassifier
 from hybrid_jax.layers.norm import layer_norm
 from hybrid_jax.layers.patch import PatchEmbed, grid_to_tokens, prepend_tokens, resample_pos_embed
 from hybrid_jax.layers.remat import checkpointed
+from hybrid_jax.layers.scan import block_sequence, run_sequence
 from hybrid_jax.models.vit import Block
 from hybrid_jax.registry import register_variants
 
@@ -103,6 +104,8 @@ class ParallelHybrid(BranchClassifier):
     fusion: str = "gating"  # concat|add|gating|cross_attention|fcu|bridge, or one per fusion stage: "concat,add"
     fusion_stages: Sequence[int] = (1, 2, 3)  # stages (1-based) after which the branches meet; () keeps them apart
     attn_impl: str = "auto"  # xla | cudnn | auto
+    # Each stage's transformer blocks as one nn.scan (layers/scan.py): "blocks_0to1", "blocks_2to3", ...
+    scan_blocks: bool = False
 
     def setup(self):
         self._check_config()
@@ -119,10 +122,14 @@ class ParallelHybrid(BranchClassifier):
         self.pos_embed = self.param("pos_embed", with_logical_partitioning(nn.initializers.normal(0.02), token_axes),
                                     (1, num_tokens, self.embed_dim), self.param_dtype)
         self.pos_drop = nn.Dropout(self.drop_rate)
-        rates = [rate for stage in drop_path_schedule(self.drop_path_rate, self.depths) for rate in stage]
-        block = checkpointed(Block, self.remat)
-        self.blocks = [block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, rate,
-                             attn_impl=self.attn_impl, **kw) for rate in rates]
+        block, blocks, first = checkpointed(Block, self.remat), {}, 0
+        fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+                      drop_rate=self.drop_rate, attn_impl=self.attn_impl, **kw)
+        for rates in drop_path_schedule(self.drop_path_rate, self.depths):  # a scan never crosses a fusion
+            blocks |= block_sequence(block, [dict(fields, drop_path=rate) for rate in rates], name="blocks",
+                                     scan=self.scan_blocks, start=first)
+            first += len(rates)
+        self.blocks = blocks
         self.fusions = {stage: self._make_fusion(name) for stage, name in self.fusion_plan.items()}
         self.trans_norm = layer_norm(**kw)
         self.head_drop = nn.Dropout(self.drop_rate)
@@ -211,8 +218,7 @@ class ParallelHybrid(BranchClassifier):
         first = 0
         for i, (stage, depth) in enumerate(zip(self.stages, self.depths)):
             local = stage(local, train=train)
-            for block in self.blocks[first:first + depth]:
-                tokens = block(tokens, train=train)
+            tokens, _ = run_sequence(self.blocks, tokens, train=train, layers=range(first, first + depth))
             first += depth
             if i + 1 in self.fusions:
                 local, tokens = self.fusions[i + 1](local, tokens, train=train)

@@ -26,7 +26,7 @@ from hybrid_jax.layers.model import ImageClassifier
 from hybrid_jax.layers.norm import layer_norm
 from hybrid_jax.layers.patch import PatchEmbed, grid_to_tokens, prepend_tokens, resample_pos_embed
 from hybrid_jax.layers.remat import checkpointed
-from hybrid_jax.layers.scan import scanned
+from hybrid_jax.layers.scan import block_sequence, run_sequence
 from hybrid_jax.registry import PaperFigures, register_model, register_variants
 
 Dtype = Any
@@ -97,7 +97,7 @@ class VisionTransformer(ImageClassifier):
     global_pool: str = "token"  # token | avg
     attn_impl: str = "auto"  # xla | cudnn | auto
     # The blocks as one nn.scan (layers/scan.py): compile time independent of depth; variables stacked under
-    # "blocks" instead of "blocks_0".."blocks_{depth-1}" (pretrained weights are stacked to fit when loaded).
+    # "blocks_0to{depth-1}" instead of "blocks_0".."blocks_{depth-1}" (pretrained weights are stacked to fit).
     scan_blocks: bool = False
 
     def setup(self):
@@ -111,14 +111,12 @@ class VisionTransformer(ImageClassifier):
                                     with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
                                     (1, 1 + self.grid_size ** 2, self.embed_dim), self.param_dtype)
         self.pos_drop = nn.Dropout(self.drop_rate)
-        self.rates = drop_path_schedule(self.drop_path_rate, (self.depth,))[0]
-        block = checkpointed(Block, self.remat)
         fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                       drop_rate=self.drop_rate, layer_scale=self.layer_scale, attn_impl=self.attn_impl, **kw)
-        if self.scan_blocks:
-            self.blocks = scanned(block, self.depth)(**fields)
-        else:
-            self.blocks = [block(drop_path=rate, **fields) for rate in self.rates]
+        self.blocks = block_sequence(
+            checkpointed(Block, self.remat),
+            [dict(fields, drop_path=rate) for rate in drop_path_schedule(self.drop_path_rate, (self.depth,))[0]],
+            name="blocks", scan=self.scan_blocks)
         self.norm = layer_norm(**kw)
         self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 
@@ -149,13 +147,8 @@ class VisionTransformer(ImageClassifier):
         pos_embed = resample_pos_embed(self.pos_embed, grid.shape[1:3])
         x = prepend_tokens(grid_to_tokens(grid), self.cls_token) + pos_embed.astype(grid.dtype)
         x = self.pos_drop(x, deterministic=not train)
-        if self.scan_blocks:
-            _, outputs = self.blocks(x, jnp.asarray(self.rates, jnp.float32), train)
-            features |= {f"block{i}": outputs[i] for i in range(self.depth)}
-        else:
-            for i, block in enumerate(self.blocks):
-                x = features[f"block{i}"] = block(x, train=train)
-        return features
+        _, outputs = run_sequence(self.blocks, x, train=train)
+        return features | {f"block{i}": tokens for i, tokens in enumerate(outputs)}
 
     def forward_pool(self, features: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
         """The normed final tokens and the pooled features: the class token, or the mean of the patch tokens."""

@@ -12,12 +12,13 @@ import re
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
 from hybrid_jax.layers.remat import REMAT_POLICIES
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.dtype -> the compute dtype
 REMAT = tuple(REMAT_POLICIES)
 MODES = ("train", "eval")
 HEAD_LOSSES = ("each", "mean")
@@ -316,7 +317,7 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Fails early on values that would only break deep inside the run."""
     if config.dtype not in DTYPES:
-        raise ConfigError(f"config.dtype={config.dtype!r}; choose one of {DTYPES}.")
+        raise ConfigError(f"config.dtype={config.dtype!r}; choose one of {tuple(DTYPES)}.")
     if config.remat not in REMAT:
         raise ConfigError(f"config.remat={config.remat!r}; choose one of {REMAT}.")
     if len(config.mesh_shape) != 3:

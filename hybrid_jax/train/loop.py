@@ -34,14 +34,12 @@ from hybrid_jax.parallel.mesh import make_mesh
 from hybrid_jax.parallel.placement import Placement, ShardedJit
 from hybrid_jax.parallel.rules import DEFAULT_RULES
 from hybrid_jax.tasks import Evaluate, Task, make_task
-from hybrid_jax.train.config import ConfigError, config_defaults
+from hybrid_jax.train.config import DTYPES, ConfigError, config_defaults
 from hybrid_jax.train.init_from import start_from
 from hybrid_jax.train.optim import make_optimizer
 from hybrid_jax.train.state import TrainState, plan_train_state
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,0 +1,1 @@
+"""Re-ID at equal compute, three seeds per backbone (issue 18); see run.py."""
