@@ -208,6 +208,10 @@ def test_study_plan_puts_the_main_cell_first_and_small_data_and_budget_on_chosen
                                       {"name": "a", "learning_rate": 2e-3, "heldout_accuracy": 0.7},
                                       {"name": "b", "learning_rate": 4e-3, "heldout_accuracy": 0.1}]) == {
         "a": 2e-3, "b": 4e-3}
+    # A model whose every search run diverged has no rate: it is left out, the others keep their runs.
+    del rates["resnet_none"]
+    assert {j.solution.name for j in run.study_jobs(config, solutions, rates)} == {
+        "parallel_hybrid_gating", "parallel_hybrid_concat", "parallel_hybrid_fcu"}
 
 
 def test_the_search_follows_a_best_rate_past_the_grids_edge_once():

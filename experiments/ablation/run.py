@@ -254,7 +254,8 @@ def study_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Solutio
                rates: dict[str, float]) -> list[Job]:
     """The study's runs, in the order that makes a stopped part most useful: the main budget on all the data,
     the other budgets, then the smaller training sets; seed by seed within each. Outside the main cell, the
-    parallel pattern trains only the fusions the config names for it."""
+    parallel pattern trains only the fusions the config names for it. A model without a rate (every search run
+    diverged) is left out."""
     main, *others = config.budgets
     full, *smaller = config.train_fractions
     cells = [(main, full), *((b, full) for b in others), *((main, f) for f in smaller)]
@@ -264,7 +265,7 @@ def study_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Solutio
             for s in solutions:
                 chosen = (config.small_data_fusions if fraction != full else
                           config.small_budget_fusions if budget != main else config.fusions)
-                if s.budget_gmacs == budget and (not s.fusion or s.fusion in chosen):
+                if s.budget_gmacs == budget and (not s.fusion or s.fusion in chosen) and s.name in rates:
                     jobs.append(Job(s, fraction, seed, rates[s.name]))
     return jobs
 
@@ -336,6 +337,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, results_di
             trained += trained_now
             jobs = [] if unstarted else beyond_the_edge_jobs(config, solutions, search)
         rates = choose_learning_rates(search)
+        if diverged := sorted({s.name for s in solutions} - set(rates)):
+            print(f"left out of the study, every learning rate diverged in the search: {', '.join(diverged)}")
         done = []
         if not unstarted:  # a diverged search run is no candidate; the others decide
             jobs = study_jobs(config, solutions, rates)
