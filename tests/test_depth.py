@@ -151,8 +151,8 @@ def test_scanned_blocks_compute_what_the_loop_does(name, fields, runs):
     if name == "test_vit":  # the scan's backward pass is the same for every model
         grads = {}
         for model, v in ((scan, stacked), (loop, variables)):
-            grads[model.scan_blocks] = jax.jit(jax.grad(lambda p, m=model: m.apply({"params": p}, x, train=False).sum()))(
-                v["params"])
+            loss = lambda p, m=model: m.apply({"params": p}, x, train=False).sum()  # noqa: E731
+            grads[model.scan_blocks] = jax.jit(jax.grad(loss))(v["params"])
         _assert_close_trees(grads[True], stack_layers(grads[False], like=scanned["params"]))
 
 
