@@ -322,3 +322,13 @@ def test_report_aggregates_seeds_marks_significance_and_writes_tables_and_plots(
     assert len(report.read_csv(paths["attribution.csv"])) == 3 * len([r for r in records if r["pattern"] == "parallel"])
     loaded = report.load(tmp_path)
     assert len(loaded["records"]) == 90 and loaded["curves"][0]["step"] == 50
+
+
+def test_a_comparison_on_one_seed_is_called_untested_not_insignificant():
+    records = [r for r in _fake_records() if r["seed"] == 0]
+    text = report.finding(report.aggregate(records), records)
+    assert "untested against" in text and "(fewer than two shared seeds)" in text
+    assert "not significantly different" not in text and "p=nan" not in text
+    table = report.comparison_table(report.against_best(records, report.aggregate(records)[:3],
+                                                        (0.02, 1.0)))
+    assert table.splitlines()[2].endswith("| untested |")

@@ -263,23 +263,33 @@ def comparison_table(comparisons: Sequence[stats.Comparison]) -> str:
              "|---|---|---:|---:|---:|---:|---|"]
     for c in comparisons:
         lines.append(f"| {c.first} | {c.second} | {100 * c.difference:+.2f} | ±{100 * c.half_width:.2f} | "
-                     f"{c.p_value:.2g} | {c.p_adjusted:.2g} | "
-                     f"{'significant' if c.significant else 'not significant'} |")
+                     f"{c.p_value:.2g} | {c.p_adjusted:.2g} | {_verdict(c)} |")
     return "\n".join(lines)
 
 
+def _tested(c: stats.Comparison) -> bool:
+    return c.p_adjusted == c.p_adjusted  # NaN below two shared seeds
+
+
+def _verdict(c: stats.Comparison) -> str:
+    return ("significant" if c.significant else "not significant") if _tested(c) else "untested"
+
+
 def _claim_against(comparisons: Sequence[stats.Comparison]) -> str:
-    """'significantly above X and Y; not separable from Z (p=...)'."""
+    """'significantly above X and Y; not significantly different from Z (p=...); untested against W'."""
     def cite(c: stats.Comparison) -> str:
         return f"{c.second} ({c.difference * 100:+.2f} points, p={c.p_adjusted:.2g})"
 
-    above = [cite(c) for c in comparisons if c.significant]
-    level = [cite(c) for c in comparisons if not c.significant]
+    above = [cite(c) for c in comparisons if _tested(c) and c.significant]
+    level = [cite(c) for c in comparisons if _tested(c) and not c.significant]
+    untested = [f"{c.second} ({c.difference * 100:+.2f} points)" for c in comparisons if not _tested(c)]
     parts = []
     if above:
         parts.append(f"significantly above {', '.join(above)}")
     if level:
         parts.append(f"not significantly different from {', '.join(level)}")
+    if untested:
+        parts.append(f"untested against {', '.join(untested)} (fewer than two shared seeds)")
     return "; ".join(parts) if parts else "with nothing to compare"
 
 
