@@ -267,12 +267,8 @@ def comparison_table(comparisons: Sequence[stats.Comparison]) -> str:
     return "\n".join(lines)
 
 
-def _tested(c: stats.Comparison) -> bool:
-    return c.p_adjusted == c.p_adjusted  # NaN below two shared seeds
-
-
 def _verdict(c: stats.Comparison) -> str:
-    return ("significant" if c.significant else "not significant") if _tested(c) else "untested"
+    return ("significant" if c.significant else "not significant") if c.tested else "untested"
 
 
 def _claim_against(comparisons: Sequence[stats.Comparison]) -> str:
@@ -280,9 +276,9 @@ def _claim_against(comparisons: Sequence[stats.Comparison]) -> str:
     def cite(c: stats.Comparison) -> str:
         return f"{c.second} ({c.difference * 100:+.2f} points, p={c.p_adjusted:.2g})"
 
-    above = [cite(c) for c in comparisons if _tested(c) and c.significant]
-    level = [cite(c) for c in comparisons if _tested(c) and not c.significant]
-    untested = [f"{c.second} ({c.difference * 100:+.2f} points)" for c in comparisons if not _tested(c)]
+    above = [cite(c) for c in comparisons if c.tested and c.significant]
+    level = [cite(c) for c in comparisons if c.tested and not c.significant]
+    untested = [f"{c.second} ({c.difference * 100:+.2f} points)" for c in comparisons if not c.tested]
     parts = []
     if above:
         parts.append(f"significantly above {', '.join(above)}")

@@ -40,17 +40,25 @@ class Comparison:
     p_adjusted: float = math.nan  # Holm-adjusted within its family (set by `holm`)
 
     @property
+    def p(self) -> float:
+        """The family-adjusted p where there is one, else the raw p; NaN below two shared seeds."""
+        return self.p_adjusted if self.p_adjusted == self.p_adjusted else self.p_value
+
+    @property
+    def tested(self) -> bool:
+        return self.p == self.p
+
+    @property
     def significant(self) -> bool:
-        p = self.p_adjusted if self.p_adjusted == self.p_adjusted else self.p_value
-        return p < ALPHA
+        return self.p < ALPHA
 
     def verdict(self) -> str:
         """'significant (p=0.012)' or 'not significant (p=0.31)', with the family-adjusted p where there is one."""
-        p = self.p_adjusted if self.p_adjusted == self.p_adjusted else self.p_value
         adjusted = ", Holm-adjusted" if self.p_adjusted == self.p_adjusted else ""
-        if p != p:
+        if not self.tested:
             return f"untested ({self.seeds} shared seed{'s' if self.seeds != 1 else ''})"
-        return f"{'significant' if p < ALPHA else 'not significant'} (p={p:.2g}{adjusted}, {self.seeds} seeds)"
+        outcome = "significant" if self.significant else "not significant"
+        return f"{outcome} (p={self.p:.2g}{adjusted}, {self.seeds} seeds)"
 
 
 def paired(first: str, second: str, a: Mapping[int, float], b: Mapping[int, float]) -> Comparison:

@@ -12,6 +12,7 @@ Writes runs.csv (one row per run) and results.md: mean ± std and the 95% t inte
 per backbone, and the default against each backbone alone, paired on shared seeds (Holm-corrected per metric).
 """
 
+import functools
 import importlib.util
 import json
 import statistics
@@ -32,12 +33,18 @@ METRICS = {"rank1": "rank-1", "rank5": "rank-5", "mAP": "mAP"}
 FIELDS = ("backbone", "seed", "model", *METRICS, "wall_time_s")
 
 
-def run_config(backbone: str, seed: int):
-    """configs/reid_synthetic.py with `backbone` and `seed`."""
+@functools.cache
+def _config_module():
+    """configs/reid_synthetic.py, read once."""
     spec = importlib.util.spec_from_file_location("reid_synthetic", ROOT / "configs" / "reid_synthetic.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(backbone)
+    return module
+
+
+def run_config(backbone: str, seed: int):
+    """configs/reid_synthetic.py with `backbone` and `seed`."""
+    config = _config_module().get_config(backbone)
     config.seed = seed
     config.progress_bar = False
     return config

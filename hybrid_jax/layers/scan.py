@@ -137,12 +137,12 @@ def unstack_layers(variables: Variables) -> dict:
     """Scanned layout -> looped: the inverse of `stack_layers`."""
     if not isinstance(variables, Mapping):
         return variables
-    runs = {key: layers for key, stem, layers in _runs(variables)}
+    runs = {key: (stem, layers) for key, stem, layers in _runs(variables)}
     out = {}
     for key, value in variables.items():
         if key in runs:
-            stem = _RUN.fullmatch(key).group(1)
-            out |= {f"{stem}_{i}": jax.tree.map(lambda leaf, j=j: leaf[j], value) for j, i in enumerate(runs[key])}
+            stem, layers = runs[key]
+            out |= {f"{stem}_{i}": jax.tree.map(lambda leaf, j=j: leaf[j], value) for j, i in enumerate(layers)}
         else:
             out[key] = unstack_layers(value)
     return out
