@@ -5,8 +5,8 @@ at batch 64 (README, "Install and run"):
 - jaxlib 0.10 runs CPU convolutions through YNNPACK by default; XLA's own convolutions
   train these small-image hybrids 1.5-1.8x faster (ResNet-50 at 224 px: 1.7x in training,
   1.8x in inference), so YNNPACK is turned off for convolutions only (matrix products keep
-  it). The flag is added for CPU-only runs alone (`cpu_only_run`). Depthwise convolutions
-  avoid both libraries on CPU (`layers.conv.depthwise_conv_by_shifts`), which is faster still.
+  it). The flag is added for CPU-only runs alone (`cpu_only_run`). Grouped convolutions
+  avoid both libraries on CPU (`layers.conv.grouped_conv_by_shifts`), which is faster still.
 - XLA's CPU runtime allocates its buffers afresh every step; glibc's malloc serves the
   large ones with new memory maps, ~22k page faults a step. TCMalloc keeps that memory:
   steps are another 20-30% faster, as on TPU VMs, which preload it too.

@@ -19,7 +19,7 @@ from hybrid_jax.layers import (
     resample_pos_embed,
     torch_padding,
 )
-from hybrid_jax.layers.conv import depthwise_conv_by_shifts
+from hybrid_jax.layers.conv import grouped_conv_by_shifts
 
 
 def init_apply(module, *args, **kwargs):
@@ -70,36 +70,44 @@ def test_conv_uses_pytorch_symmetric_padding(kernel_size, strides):
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def grouped_conv(x, kernel, strides, padding, dilation=1):
+def grouped_conv(x, kernel, strides, padding, dilation=1, groups=None):
     return jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding, rhs_dilation=(dilation, dilation),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups or x.shape[-1])
 
 
-@pytest.mark.parametrize("kernel_size,strides,padding,dilation", [
-    (3, 1, ((1, 1), (1, 1)), 1), (3, 2, ((1, 1), (1, 1)), 1), (7, 1, ((3, 3), (3, 3)), 1), (5, 2, "SAME", 1),
-    (3, 2, "SAME", 1), (3, 1, "VALID", 1), (3, 1, ((2, 2), (2, 2)), 2), (3, 2, ((0, 1), (1, 0)), 1)])
-def test_depthwise_conv_by_shifts_equals_the_grouped_convolution(kernel_size, strides, padding, dilation):
+@pytest.mark.parametrize("kernel_size,strides,padding,dilation,groups,features", [
+    (3, 1, ((1, 1), (1, 1)), 1, 6, 6), (3, 2, ((1, 1), (1, 1)), 1, 6, 6), (7, 1, ((3, 3), (3, 3)), 1, 6, 6),
+    (5, 2, "SAME", 1, 6, 6), (3, 2, "SAME", 1, 6, 6), (3, 1, "VALID", 1, 6, 6), (3, 1, ((2, 2), (2, 2)), 2, 6, 6),
+    (3, 2, ((0, 1), (1, 0)), 1, 6, 6),
+    (3, 2, ((1, 1), (1, 1)), 1, 6, 18),  # depthwise with a channel multiplier (Mobile-Former's expansions)
+    (1, 1, ((0, 0), (0, 0)), 1, 3, 9),  # grouped pointwise (Mobile-Former-26M)
+    (3, 1, "SAME", 1, 2, 4)])  # any grouping
+def test_grouped_conv_by_shifts_equals_the_grouped_convolution(kernel_size, strides, padding, dilation, groups,
+                                                                 features):
     """Values and both gradients, on an odd-sized map so strides leave a remainder."""
-    x = jax.random.normal(jax.random.key(6), (2, 11, 13, 5))
-    kernel = jax.random.normal(jax.random.key(7), (kernel_size, kernel_size, 1, 5))
-    np.testing.assert_allclose(depthwise_conv_by_shifts(x, kernel, strides, padding, dilation),
-                               grouped_conv(x, kernel, strides, padding, dilation), atol=1e-5)
-    loss = lambda conv: lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel, strides, padding, dilation)))
-    ours = jax.grad(loss(depthwise_conv_by_shifts), argnums=(0, 1))(x, kernel)
+    x = jax.random.normal(jax.random.key(6), (2, 11, 13, 6))
+    kernel = jax.random.normal(jax.random.key(7), (kernel_size, kernel_size, 6 // groups, features))
+    conv = lambda conv: lambda x, kernel: conv(x, kernel, strides, padding, dilation, groups)
+    np.testing.assert_allclose(conv(grouped_conv_by_shifts)(x, kernel), conv(grouped_conv)(x, kernel), atol=1e-4)
+    loss = lambda conv: lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel, strides, padding, dilation, groups)))
+    ours = jax.grad(loss(grouped_conv_by_shifts), argnums=(0, 1))(x, kernel)
     reference = jax.grad(loss(grouped_conv), argnums=(0, 1))(x, kernel)
     for got, want in zip(ours, reference):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_depthwise_conv2d_on_cpu_takes_the_shifted_sum_and_other_groupings_the_convolution():
+@pytest.mark.parametrize("groups,features", [(6, 6), (6, 12), (3, 6)])
+def test_grouped_conv2d_on_cpu_takes_the_shifted_sum_and_counts_as_the_convolution(groups, features):
     x = jax.random.normal(jax.random.key(8), (1, 9, 9, 6))
-    depthwise, grouped = Conv2d(6, 3, 2, groups=6), Conv2d(6, 3, 2, groups=3)
-    variables, out = init_apply(depthwise, x)
-    np.testing.assert_allclose(out, grouped_conv(x, variables["params"]["kernel"], 2, [(1, 1), (1, 1)]), atol=1e-5)
+    conv, dense = Conv2d(features, 3, 2, groups=groups), Conv2d(features, 3, 2)
+    variables, out = init_apply(conv, x)
+    np.testing.assert_allclose(out, grouped_conv(x, variables["params"]["kernel"], 2, [(1, 1), (1, 1)], groups=groups),
+                               atol=1e-5)
     primitives = lambda module, variables: str(jax.make_jaxpr(lambda x: module.apply(variables, x))(x))
-    assert "conv_general_dilated" not in primitives(depthwise, variables)
-    assert "conv_general_dilated" in primitives(grouped, init_apply(grouped, x)[0])
-    assert count_macs(depthwise.apply, variables, x) == out.size * 3 * 3  # counted as the convolution it is
+    assert "conv_general_dilated" not in primitives(conv, variables)
+    assert "conv_general_dilated" in primitives(dense, init_apply(dense, x)[0])
+    assert count_macs(conv.apply, variables, x) == out.size * 3 * 3 * (6 // groups)  # as the convolution it is
 
 
 def test_weight_standardized_conv_ignores_kernel_offset_and_scale():

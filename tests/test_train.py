@@ -165,6 +165,26 @@ def test_the_loops_train_step_constrains_activations_on_a_mesh_and_equals_one_de
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), state.params, one_state.params)
 
 
+def test_the_loops_grad_norm_leaves_frozen_parameters_out(fmnist_dir):
+    """With all but the head frozen, the logged gradient norm is the head's: plain SGD at a constant rate moves
+    the head by exactly rate x gradient, so the norm is read back from the update itself."""
+    rate = 0.1
+    config = _config(fmnist_dir, optimizer="sgd", momentum=0.0, weight_decay=0.0, clip_norm=0.0, warmup_steps=0,
+                     learning_rate=rate, min_learning_rate=rate, batch_size=16, freeze=("^(?!head/)",))
+    run = build_run(config)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
+             "label": rng.integers(0, 10, (16,), dtype=np.int32)}
+    before = jax.device_get(run.build_state().params)
+    state, metrics = run.train_step(run.build_state(), run.placement.global_batch(batch))
+    after = jax.device_get(state.params)
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), after, before)
+    assert max(jax.tree.leaves(moved.pop("head"))) > 0 and max(jax.tree.leaves(moved)) == 0
+    head_grad_norm = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in zip(jax.tree.leaves(after["head"]),
+                                                                      jax.tree.leaves(before["head"])))) / rate
+    np.testing.assert_allclose(metrics["grad_norm"], head_grad_norm, rtol=1e-4)
+
+
 def test_gradient_accumulation_matches_one_big_batch():
     """Two accumulated micro-batches of 16 make the same update as their mean gradient (SGD, no EMA)."""
     config = default_config()

@@ -23,7 +23,7 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
-from hybrid_jax.layers.conv import depthwise_conv_by_shifts
+from hybrid_jax.layers.conv import grouped_conv_by_shifts
 from hybrid_jax.registry import create_model, model_info
 
 
@@ -51,16 +51,23 @@ def _eqn_macs(eqn: jex_core.JaxprEqn) -> int:
         kernel = eqn.invars[1].aval.shape
         out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
         return math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel) // kernel[out_feature_dim]
-    if eqn.params.get("name") == depthwise_conv_by_shifts.__name__:  # CPU's depthwise convolution (layers.conv)
-        kernel_height, kernel_width = eqn.invars[1].aval.shape[:2]
-        return math.prod(eqn.outvars[0].aval.shape) * kernel_height * kernel_width
+    if _is_grouped_conv_by_shifts(eqn):
+        kernel_height, kernel_width, in_per_group, _ = eqn.invars[1].aval.shape
+        return math.prod(eqn.outvars[0].aval.shape) * kernel_height * kernel_width * in_per_group
     return 0
+
+
+def _is_grouped_conv_by_shifts(eqn: jex_core.JaxprEqn) -> bool:
+    """CPU's grouped convolution (layers.conv): counted whole, as the convolution it computes."""
+    return eqn.params.get("name") == grouped_conv_by_shifts.__name__
 
 
 def _jaxpr_macs(jaxpr: jex_core.Jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:
         total += _eqn_macs(eqn)
+        if _is_grouped_conv_by_shifts(eqn):
+            continue  # its per-group products are the convolution's, counted above
         repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
         # Nested jaxprs: jit, remat, custom derivatives, scan bodies (run `length` times).
         for sub in jex_core.jaxprs_in_params(eqn.params):

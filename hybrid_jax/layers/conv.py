@@ -4,10 +4,11 @@ Feature maps are NHWC. Padding defaults to PyTorch's symmetric `k // 2` rule (so
 converted timm weights give the same logits); "SAME" is TensorFlow's asymmetric
 padding, which the ViT hybrids and MaxViT were trained with.
 
-On CPU a depthwise convolution is computed as a sum of shifted, per-channel scaled
-copies of its input: XLA:CPU's grouped convolution (its own or YNNPACK's) is 20-60x
-slower forward and 10-30x slower in the gradient; with it CoAtNet, EdgeNeXt, MobileViT
-and Mobile-Former infer 2-6x faster on CPU. GPU and TPU keep the convolution.
+On CPU a grouped convolution (depthwise ones included) is computed as a sum over its taps
+of shifted copies of its input, scaled per channel or multiplied per group: XLA:CPU's
+grouped convolution (its own or YNNPACK's) is 20-60x slower forward and 10-90x slower in
+the gradient; with it CoAtNet, EdgeNeXt, MobileViT and Mobile-Former infer 2-6x faster on
+CPU. GPU and TPU keep the convolution.
 """
 
 import functools
@@ -49,15 +50,19 @@ def max_pool_3x3(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-@functools.partial(jax.jit, static_argnames=("strides", "padding", "dilation"))
-def depthwise_conv_by_shifts(x: jax.Array, kernel: jax.Array, strides: int,
-                             padding: str | tuple[tuple[int, int], ...], dilation: int = 1) -> jax.Array:
-    """A depthwise convolution (kernel HW1C) as a sum of k*k strided slices times per-channel weights.
+@functools.partial(jax.jit, static_argnames=("strides", "padding", "dilation", "groups"))
+def grouped_conv_by_shifts(x: jax.Array, kernel: jax.Array, strides: int,
+                           padding: str | tuple[tuple[int, int], ...], dilation: int = 1,
+                           groups: int = 1) -> jax.Array:
+    """A grouped convolution (kernel HWIO, I = C / groups) as a sum over its k*k taps of strided slices.
 
-    The same function as `conv_general_dilated(..., feature_group_count=C)`; XLA fuses it
-    into one elementwise loop, which on CPU is far faster than a grouped convolution.
-    Sums in float32 at least, as a convolution accumulates. Jitted so that traces show
-    it by name, which is how `analysis.flops.count_macs` counts its multiply-adds.
+    The same function as `conv_general_dilated(..., feature_group_count=groups)`. A depthwise
+    kernel (one input and one output channel per group) scales each slice per channel, which
+    XLA fuses into one elementwise loop; any other grouping multiplies each slice by the tap's
+    block-diagonal weights, one small matrix product per group. On CPU both are far faster than
+    XLA's grouped convolution, whose gradient is 20-90x slower still. Sums in float32 at least,
+    as a convolution accumulates. Jitted so that traces show it by name, which is how
+    `analysis.flops.count_macs` counts it as the one convolution it is.
     """
     k = kernel.shape[0]
     span = dilation * (k - 1) + 1
@@ -65,16 +70,24 @@ def depthwise_conv_by_shifts(x: jax.Array, kernel: jax.Array, strides: int,
         padding = jax.lax.padtype_to_pads(x.shape[1:3], (span, span), (strides, strides), padding)
     x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     batch, height, width, channels = x.shape
+    in_per_group, features = kernel.shape[2:]
+    out_per_group = features // groups
     out_height, out_width = (height - span) // strides + 1, (width - span) // strides + 1
     accumulate = jnp.promote_types(x.dtype, jnp.float32)
-    out = jnp.zeros((batch, out_height, out_width, channels), accumulate)
+    out = jnp.zeros((batch, out_height, out_width, features), accumulate)
     for i in range(k):
         for j in range(k):
             top, left = i * dilation, j * dilation
             window = jax.lax.slice(x, (0, top, left, 0),
                                    (batch, top + (out_height - 1) * strides + 1, left + (out_width - 1) * strides + 1,
-                                    channels), (1, strides, strides, 1))
-            out = out + window.astype(accumulate) * kernel[i, j, 0].astype(accumulate)
+                                    channels), (1, strides, strides, 1)).astype(accumulate)
+            tap = kernel[i, j].astype(accumulate)
+            if in_per_group == out_per_group == 1:
+                out = out + window * tap[0]
+            else:
+                blocks = tap.reshape(in_per_group, groups, out_per_group)
+                window = window.reshape(batch, out_height, out_width, groups, in_per_group)
+                out = out + jnp.einsum("bhwgi,igo->bhwgo", window, blocks).reshape(out.shape)
     return out.astype(x.dtype)
 
 
@@ -106,9 +119,8 @@ class Conv2d(nn.Module):
             kernel = (kernel - mean) * jax.lax.rsqrt(var + self.standardize_eps)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         padding = _resolve_padding(self.padding, k, self.strides, self.dilation)
-        depthwise = self.groups == x.shape[-1] == self.features and self.groups > 1
-        if depthwise and jax.default_backend() == "cpu":
-            y = depthwise_conv_by_shifts(x, kernel, self.strides, padding, self.dilation)
+        if self.groups > 1 and jax.default_backend() == "cpu":
+            y = grouped_conv_by_shifts(x, kernel, self.strides, padding, self.dilation, self.groups)
         else:
             y = jax.lax.conv_general_dilated(
                 x, kernel, (self.strides, self.strides), padding, rhs_dilation=(self.dilation, self.dilation),

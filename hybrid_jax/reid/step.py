@@ -15,7 +15,8 @@ from hybrid_jax.train.step import Metrics, apply_gradients, model_variables, upd
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: ReidModel,
                tx: optax.GradientTransformation, schedule: optax.Schedule, augment: AugmentConfig,
-               losses: ReidLossConfig, ema_decay: float, grad_accum_steps: int) -> tuple[TrainState, Metrics]:
+               losses: ReidLossConfig, ema_decay: float, grad_accum_steps: int,
+               freeze: tuple[str, ...] = ()) -> tuple[TrainState, Metrics]:
     """One optimizer micro-step on a P x K batch: identity loss through the BNNeck plus triplet (and center) loss.
 
     Mixup and cutmix must be off (the config check ensures it): a blended image has no
@@ -38,7 +39,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: ReidMod
         "loss": loss,
         **parts,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),  # identity classification on the batch
-        **update_metrics(grads, new_state.params, state.step, schedule=schedule, grad_accum_steps=grad_accum_steps),
+        **update_metrics(grads, new_state.params, state.step, schedule=schedule, grad_accum_steps=grad_accum_steps,
+                         freeze=freeze),
     }
     return new_state, metrics
 

@@ -54,7 +54,8 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def train_step(self, model: nn.Module, *, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   augment: AugmentConfig, ema_decay: float, grad_accum_steps: int) -> TrainStep:
+                   augment: AugmentConfig, ema_decay: float, grad_accum_steps: int,
+                   freeze: tuple[str, ...]) -> TrainStep:
         """The pure step function `(state, global batch) -> (state, metrics)` the loop jits."""
 
     @abc.abstractmethod

@@ -194,7 +194,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     placement = Placement(mesh, DEFAULT_RULES, state_shardings)
     augment = _augment_config(config, task.image_shape)
     step = task.train_step(model, tx=tx, schedule=schedule, augment=augment, ema_decay=config.ema_decay,
-                           grad_accum_steps=config.grad_accum_steps)
+                           grad_accum_steps=config.grad_accum_steps, freeze=tuple(config.freeze))
     train_step = placement.jit(step, in_shardings=(state_shardings, placement.batch),
                                out_shardings=(state_shardings, placement.replicated), donate_argnums=0)
     return Run(config, task, model, placement, total_steps, config.eval_every or steps_per_epoch, build_state,

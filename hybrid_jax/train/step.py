@@ -10,6 +10,7 @@ import optax
 from hybrid_jax.data.augment import AugmentConfig, augment_batch, eval_batch
 from hybrid_jax.layers.model import BranchClassifier
 from hybrid_jax.train.config import HEAD_LOSSES
+from hybrid_jax.train.optim import freeze_labels
 from hybrid_jax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -57,11 +58,21 @@ def apply_gradients(state: TrainState, grads: Any, batch_stats: Any, *, tx: opta
                          ema_params=ema_params, ema_batch_stats=ema_batch_stats)
 
 
+def trained_gradients(grads: Any, freeze: tuple[str, ...]) -> Any:
+    """The gradients the optimizer applies: those of parameters a `freeze` pattern matches are left out."""
+    if not freeze:
+        return grads
+    return jax.tree.map(lambda label, grad: grad if label == "train" else None, freeze_labels(grads, freeze), grads)
+
+
 def update_metrics(grads: Any, params: Any, step: jax.Array, *, schedule: optax.Schedule,
-                   grad_accum_steps: int) -> Metrics:
-    """What every train step logs about its update: gradient norm, parameter norm, learning rate."""
+                   grad_accum_steps: int, freeze: tuple[str, ...] = ()) -> Metrics:
+    """What every train step logs about its update: gradient norm, parameter norm, learning rate.
+
+    The gradient norm is the one `clip_norm` clips: over the trained parameters, frozen ones left out.
+    """
     return {
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": optax.tree.norm(trained_gradients(grads, freeze)),
         "param_norm": optax.tree.norm(params),  # non-finite once the update overflowed: the run diverged
         "learning_rate": schedule(step // grad_accum_steps),
     }
@@ -85,7 +96,8 @@ def classification_loss(heads: dict[str, jax.Array], targets: jax.Array, head_lo
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, augment: AugmentConfig,
                num_classes: int, label_smoothing: float, ema_decay: float,
-               grad_accum_steps: int, head_loss: str = "each") -> tuple[TrainState, Metrics]:
+               grad_accum_steps: int, head_loss: str = "each",
+               freeze: tuple[str, ...] = ()) -> tuple[TrainState, Metrics]:
     """One optimizer micro-step on a global batch of uint8 images, augmented on device."""
     aug_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
     images, labels = augment_batch(aug_rng, batch["image"], batch["label"], num_classes, augment)
@@ -102,7 +114,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1)),
-        **update_metrics(grads, new_state.params, state.step, schedule=schedule, grad_accum_steps=grad_accum_steps),
+        **update_metrics(grads, new_state.params, state.step, schedule=schedule, grad_accum_steps=grad_accum_steps,
+                         freeze=freeze),
     }
     return new_state, metrics
 
