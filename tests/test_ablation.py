@@ -252,6 +252,19 @@ def test_intervals_and_paired_tests_match_textbook_values():
     assert not dataclasses.replace(c, p_value=0.2, p_adjusted=0.06).significant
 
 
+
+def test_rank_correlation_of_few_models_has_an_exact_p_value():
+    """Seven models ranked alike: rho = 1 and p = 2 / 7! (the two perfect pairings), not the t approximation's 0."""
+    ranked = {name: float(i) for i, name in enumerate("abcdefg")}
+    reversed_ = {name: -score for name, score in ranked.items()}
+    assert ablation_stats.rank_correlation(ranked, ranked) == pytest.approx((1.0, 2 / math.factorial(7), 7))
+    assert ablation_stats.rank_correlation(ranked, reversed_) == pytest.approx((-1.0, 2 / math.factorial(7), 7))
+    # One swap of neighbours: rho = 1 - 6 * 2 / (7 * 48); pairings at least that close to a perfect ranking,
+    # counted over both signs: 2 perfect + 2 * 6 single swaps = 14 of 5,040.
+    swapped = dict(ranked, a=1.0, b=0.0)
+    rho, p, n = ablation_stats.rank_correlation(ranked, swapped)
+    assert rho == pytest.approx(1 - 12 / 336) and p == pytest.approx(14 / 5040) and n == 7
+
 def _fake_records() -> list[dict]:
     """A full study's records (10 models at the main budget, 3 seeds, plus a second budget and 10% data) with
     made-up accuracies: vit best by a wide margin, the fusions within noise of each other."""
