@@ -108,7 +108,8 @@ def _tiny_config(data_dir: str, results_dir: Path):
 
 def test_tiny_study_searches_rates_trains_skips_finished_runs_and_resumes(tmp_path, fmnist_dir, capsys, caplog):
     """2 models x 2 rates of search on held-out data, then each model at its best rate: tables, plots, a rerun
-    that trains nothing, a part that stops at its deadline, then a resume."""
+    that trains nothing, one from a lost workdir that reads the results instead, a part that stops at its
+    deadline, then a resume."""
     config = _tiny_config(fmnist_dir, tmp_path / "results")
     first = run.run_sweep(config, tmp_path / "runs")
     out = capsys.readouterr().out
@@ -148,8 +149,21 @@ def test_tiny_study_searches_rates_trains_skips_finished_runs_and_resumes(tmp_pa
     again = run.run_sweep(config, tmp_path / "runs")
     assert not again["trained"] and again["records"] == first["records"] and again["search"] == first["search"]
 
+    # The workdir lost (a fresh machine): the results record every run, so nothing trains and they stay as they were.
+    written = {name: (tmp_path / "results" / name).read_bytes() for name in ("runs.csv", "lr_search.csv",
+                                                                             "curves.csv", "attribution.csv")}
+    lost = run.run_sweep(config, tmp_path / "lost_workdir")
+    assert not lost["trained"] and lost["records"] == first["records"] and lost["search"] == first["search"]
+    assert written == {name: (tmp_path / "results" / name).read_bytes() for name in written}
+    config.seeds = (0, 1)  # another study's settings: its results are neither read nor replaced
+    with pytest.raises(ValueError, match=r"other settings \(seeds: \[0\] -> \[0, 1\]\).*another --results_dir"):
+        run.run_sweep(config, tmp_path / "lost_workdir")
+    assert written == {name: (tmp_path / "results" / name).read_bytes() for name in written}
+    config.seeds = (0,)
+
     # Interrupt one run after its first checkpoint. A part whose time is up starts nothing and says what is left;
-    # the next part trains that run alone, from its checkpoint.
+    # the next part trains that run alone, from its checkpoint. (Fresh results: the old ones would record it.)
+    config.results_dir = str(tmp_path / "results_after_interrupt")
     victim = tmp_path / "runs" / "gmacs0.001" / "data100" / "resnet_none_seed0"
     for name in ("summary.json", "shift.json"):
         (victim / name).unlink()
@@ -163,6 +177,14 @@ def test_tiny_study_searches_rates_trains_skips_finished_runs_and_resumes(tmp_pa
     assert resumed["trained"] == ["gmacs0.001/data100/resnet_none_seed0"] and not resumed["unstarted"]
     assert f"resumed from step {config.train.checkpoint_every}" in caplog.text
     assert json.loads((victim / "summary.json").read_text())["steps"] == config.train.total_steps
+
+
+def test_results_of_another_study_are_told_apart_by_what_their_runs_compute():
+    """Where the data lives or how often a run checkpoints may change between parts; the recipe may not."""
+    recorded = {"notes": "old wording", "seeds": [0], "train": {"data_dir": "/a", "learning_rate": 0.1}}
+    assert run._differences(recorded, {"seeds": [0], "train": {"data_dir": "/b", "learning_rate": 0.1}}) == []
+    assert run._differences(recorded, {"seeds": [0, 1], "train": {"learning_rate": 0.2, "remat": "block"}}) == [
+        "seeds: [0] -> [0, 1]", "train.learning_rate: 0.1 -> 0.2", "train.remat: unset -> block"]
 
 
 def _solution(budget: float = 0.001) -> solver.Solution:

@@ -10,6 +10,8 @@ python -m experiments.ablation.run --config experiments/ablation/config.py --wor
 2. For each seed, train fraction and model: one `train_and_evaluate` call in
    {workdir}/data{percent}/{model}_{fusion}_seed{k}. A run with a summary.json is finished and
    skipped; an interrupted one resumes from its newest checkpoint (the training loop does that).
+   A run the results directory already records, with the same settings, is finished too: a study
+   whose workdir was lost (a fresh machine, another host) carries on from its committed results.
 3. Scores each finished checkpoint on corrupted copies of the test split ({run}/shift.json).
 4. Writes runs.csv, results.csv, results.md, finding.md and the PNG plots to the results directory.
 
@@ -61,6 +63,69 @@ class Job:
             return Path(workdir) / "lr_search" / f"{self.solution.name}_lr{self.learning_rate:g}"
         return (Path(workdir) / f"gmacs{self.solution.budget_gmacs:g}" / f"data{100 * self.fraction:g}"
                 / f"{self.solution.name}_seed{self.seed}")
+
+    @property
+    def key(self) -> tuple:
+        """The run's identity in the results' tables: lr_search.csv, or runs.csv, curves.csv and attribution.csv."""
+        if self.search:
+            return "search", self.solution.name, self.learning_rate
+        return self.solution.name, self.solution.budget_gmacs, self.fraction, self.seed
+
+
+@dataclasses.dataclass(frozen=True)
+class Ledger:
+    """The finished runs a results directory records, by `Job.key`: what an earlier part wrote there.
+
+    The workdir's checkpoints are scratch; the results are the study's record. Their runs count as finished when the
+    workdir has lost them, so that a study carries on from its results instead of training them again.
+    """
+
+    records: dict[tuple, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    curves: dict[tuple, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    branches: dict[tuple, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def read(cls, results_dir: Path, settings: dict[str, Any]) -> "Ledger":
+        """The results directory's runs, if it holds any; they must have been run with these settings.
+
+        Raises:
+          ValueError: the directory records a study with other settings, which writing would replace.
+        """
+        if not (results_dir / "sweep.json").exists():
+            return cls()
+        recorded = report.load(results_dir)
+        if differences := _differences(recorded["settings"], settings):
+            raise ValueError(
+                f"{results_dir} records a study with other settings ({'; '.join(differences)}); its runs are not "
+                f"this study's, and writing this one's results there would replace them. Pass another "
+                f"--results_dir, or move that one away to start afresh.")
+        by_run = lambda r: (r["name"], r["budget_gmacs"], r["train_fraction"], r["seed"])  # noqa: E731
+        ledger = cls(records={("search", r["name"], r["learning_rate"]): {k: v for k, v in r.items() if k != "chosen"}
+                              for r in recorded["search"]})  # "chosen": the report's mark, not the run's
+        ledger.records.update({by_run(r): r for r in recorded["records"]})
+        for kind, rows in (("curves", recorded["curves"]), ("branches", recorded["branches"])):
+            for r in rows:
+                getattr(ledger, kind).setdefault(by_run(r), []).append(r)
+        return ledger
+
+
+# Settings that say where and how a run executes, not what it computes: parts of a study may differ in them.
+_EXECUTION_SETTINGS = frozenset({
+    "data_dir", "manual_dir", "compilation_cache_dir", "coordinator_address", "distributed", "num_processes",
+    "process_id", "async_checkpoint", "checkpoint_every", "max_to_keep", "progress_bar", "profile_steps",
+    "cache_max_mb", "read_threads", "worker_count"})
+
+
+def _differences(recorded: dict[str, Any], settings: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: recorded -> now' for each setting (nested keys dotted) that changes what the runs compute."""
+    differences = []
+    for key in sorted((set(recorded) | set(settings)) - {"notes"} - _EXECUTION_SETTINGS):  # notes: derived text
+        old, new = recorded.get(key, "unset"), settings.get(key, "unset")
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            differences.append(f"{prefix}{key}: {old} -> {new}")
+    return differences
 
 
 def holdout_splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -270,9 +335,11 @@ def study_jobs(config: ml_collections.ConfigDict, solutions: list[solver.Solutio
     return jobs
 
 
-def _execute(jobs: list[Job], do: Callable[[Job], tuple[dict[str, Any], bool]], *, workdir: Path,
+def _execute(jobs: list[Job], do: Callable[[Job], tuple[dict[str, Any], bool]], *, workdir: Path, ledger: Ledger,
              deadline: float) -> tuple[list[tuple[Job, dict[str, Any]]], list[str], int]:
     """Runs `do` on each job until the deadline (time.monotonic()); finished runs are still read after it.
+
+    A job the workdir has not finished but the ledger records is read from the ledger.
 
     Returns:
       ((job, record) of each finished run, names trained now, how many jobs were left unstarted).
@@ -282,12 +349,13 @@ def _execute(jobs: list[Job], do: Callable[[Job], tuple[dict[str, Any], bool]], 
     for i, job in enumerate(jobs):
         directory = job.directory(workdir)
         name = str(directory.relative_to(workdir))
-        if time.monotonic() > deadline and not (directory / "summary.json").exists():
+        recorded = None if (directory / "summary.json").exists() else ledger.records.get(job.key)
+        if time.monotonic() > deadline and not (directory / "summary.json").exists() and recorded is None:
             left_out += 1
             continue
         began = time.perf_counter()
         try:
-            record, ran = do(job)
+            record, ran = (recorded, False) if recorded is not None else do(job)
         except TrainingDiverged as error:  # one bad run must not end a study; it stays out of the tables
             print(f"[{i + 1}/{len(jobs)}] {name}: left out, {error}", flush=True)
             continue
@@ -327,12 +395,22 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, results_di
          "params": s.params, "gmacs": s.gmacs, "budget_gmacs": s.budget_gmacs, "error": s.error} for s in solutions],
         indent=2, default=list))
     steps, search_steps = total_steps(config), total_steps(config, search=True)
+    settings = json.loads(json.dumps(
+        {"tolerance": config.tolerance, "steps": steps, "search_steps": search_steps, "seeds": list(config.seeds),
+         "budgets": list(config.budgets), "train_fractions": list(config.train_fractions),
+         "image_shape": list(_input_shape(config)[0]), "train": config.train.to_dict(),
+         "lr_search": config.lr_search.to_dict(), "shift": config.shift.to_dict(), "budget": budget_text(config)}))
+    ledger = Ledger.read(results_dir, settings)
+    if ledger.records:
+        print(f"{len(ledger.records)} runs recorded in {results_dir}: those the workdir lacks are read from there",
+              flush=True)
     cache = workdir / "jax_cache" if config.compilation_cache else None
     with compilation_cache(cache):
         jobs, search, trained, unstarted = search_jobs(config, solutions), [], [], 0
         while jobs and not unstarted:  # the grid, then one rate past every edge until no best is at one
             searched, trained_now, unstarted = _execute(
-                jobs, lambda job: search_one(config, job, search_steps, workdir), workdir=workdir, deadline=deadline)
+                jobs, lambda job: search_one(config, job, search_steps, workdir), workdir=workdir, ledger=ledger,
+                deadline=deadline)
             search += [record for _, record in searched]
             trained += trained_now
             jobs = [] if unstarted else beyond_the_edge_jobs(config, solutions, search)
@@ -343,24 +421,20 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, results_di
         if not unstarted:  # a diverged search run is no candidate; the others decide
             jobs = study_jobs(config, solutions, rates)
             done, trained_now, unstarted = _execute(jobs, lambda job: run_one(config, job, steps, workdir),
-                                                    workdir=workdir, deadline=deadline)
+                                                    workdir=workdir, ledger=ledger, deadline=deadline)
             trained += trained_now
         else:
             unstarted += len(study_jobs(config, solutions, {s.name: 0.0 for s in solutions}))
         records = [record for _, record in done]
-        curves = [row for job, _ in done for row in training_curve(job, workdir)]
+        curves = [row for job, _ in done for row in training_curve(job, workdir) or ledger.curves.get(job.key, [])]
         branches = [row for job, record in done if job.solution.pattern == "parallel"
-                    for row in attribution.rows(record, attribution.cached_attribution(
-                        job.directory(workdir), config.shift, record["steps"]))]
+                    for row in (attribution.rows(record, attribution.cached_attribution(
+                        job.directory(workdir), config.shift, record["steps"]))
+                        if (job.directory(workdir) / "summary.json").exists() else ledger.branches.get(job.key, []))]
     paths = report.write_results(records, results_dir, search=search, curves=curves, branches=branches,
                                  tolerance=config.tolerance, solver_table=table,
                                  notes=notes(config, steps, search_steps),
-                                 settings={"steps": steps, "search_steps": search_steps, "seeds": list(config.seeds),
-                                           "budgets": list(config.budgets),
-                                           "train_fractions": list(config.train_fractions),
-                                           "image_shape": list(_input_shape(config)[0]),
-                                           "train": config.train.to_dict(), "lr_search": config.lr_search.to_dict(),
-                                           "shift": config.shift.to_dict(), "budget": budget_text(config)})
+                                 settings={k: v for k, v in settings.items() if k != "tolerance"})
     print(f"\n{report.finding(report.aggregate(records), records)}" if records else "no study runs finished yet")
     if unstarted:
         print(f"\n{unstarted} runs left for the next part: rerun the same command to carry on.")
