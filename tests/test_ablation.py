@@ -182,8 +182,10 @@ def test_tiny_study_searches_rates_trains_skips_finished_runs_and_resumes(tmp_pa
 def test_results_of_another_study_are_told_apart_by_what_their_runs_compute():
     """Where the data lives or how often a run checkpoints may change between parts; the recipe may not."""
     recorded = {"notes": "old wording", "seeds": [0], "train": {"data_dir": "/a", "learning_rate": 0.1}}
-    assert run._differences(recorded, {"seeds": [0], "train": {"data_dir": "/b", "learning_rate": 0.1}}) == []
-    assert run._differences(recorded, {"seeds": [0, 1], "train": {"learning_rate": 0.2, "remat": "block"}}) == [
+    moved = {"seeds": [0], "train": {"data_dir": "/b", "learning_rate": 0.1}}
+    assert report.setting_differences(recorded, moved) == []
+    changed = {"seeds": [0, 1], "train": {"learning_rate": 0.2, "remat": "block"}}
+    assert report.setting_differences(recorded, changed) == [
         "seeds: [0] -> [0, 1]", "train.learning_rate: 0.1 -> 0.2", "train.remat: unset -> block"]
 
 

@@ -3,6 +3,8 @@ and reports intervals and paired tests on shared seeds."""
 
 import json
 
+import pytest
+
 from experiments.reid import run as reid_study
 
 RANK1 = {"tccnet": (50.0, 52.0), "cnn": (40.0, 41.0), "vit": (49.0, 53.0)}
@@ -32,9 +34,17 @@ def test_finished_runs_are_read_and_compared_on_shared_seeds(tmp_path):
     # Differences 10 and 11: t = 21 on 1 df, p = 0.030, doubled by Holm against the vit comparison (p = 1).
     assert "rank-1: tccnet - cnn = +10.5 points (±6.4), not significant (p=0.061, Holm-adjusted, 2 seeds)" in text
     assert "rank-1: tccnet - vit = +0.0 points" in text
-    reid_study.write_results(records, tmp_path / "results", "python -m experiments.reid.run --workdir w")
+    reid_study.write_results(records, tmp_path / "results", "python -m experiments.reid.run --workdir w",
+                             reid_study.settings())
     assert (tmp_path / "results" / "runs.csv").read_text().count("\n") == 7
     assert (tmp_path / "results" / "results.md").read_text().startswith("`python -m experiments.reid.run")
+
+    # The workdir lost (a fresh machine): every run is read from the results, none trains or waits.
+    recorded = reid_study.recorded_runs(tmp_path / "results", reid_study.settings())
+    again, unstarted = reid_study.run_all(tmp_path / "lost", seeds=(0, 1), max_hours=-1.0, recorded=recorded)
+    assert again == records and unstarted == 0
+    with pytest.raises(ValueError, match=r"other configs \(cnn.total_steps: 600 -> 10; tccnet.total_steps"):
+        reid_study.recorded_runs(tmp_path / "results", reid_study.settings(total_steps=10))
 
 
 def test_a_part_past_its_deadline_starts_nothing_and_counts_what_is_left(tmp_path):

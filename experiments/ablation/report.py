@@ -51,6 +51,25 @@ def _number(text: str) -> Any:
     return text
 
 
+# Settings that say where and how a run executes, not what it computes: parts of a study may differ in them.
+EXECUTION_SETTINGS = frozenset({
+    "data_dir", "manual_dir", "compilation_cache_dir", "coordinator_address", "distributed", "num_processes",
+    "process_id", "async_checkpoint", "checkpoint_every", "max_to_keep", "progress_bar", "profile_steps",
+    "cache_max_mb", "read_threads", "worker_count"})
+
+
+def setting_differences(recorded: dict[str, Any], settings: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: recorded -> now' for each setting (nested keys dotted) that changes what the runs compute."""
+    differences = []
+    for key in sorted((set(recorded) | set(settings)) - {"notes"} - EXECUTION_SETTINGS):  # notes: derived text
+        old, new = recorded.get(key, "unset"), settings.get(key, "unset")
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += setting_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            differences.append(f"{prefix}{key}: {old} -> {new}")
+    return differences
+
+
 def write_csv(rows: Iterable[dict[str, Any]], path: str | Path, fields: Sequence[str]) -> None:
     """Rows as CSV with the given columns (floats at full precision)."""
     with open(path, "w", newline="") as f:

@@ -94,7 +94,7 @@ class Ledger:
         if not (results_dir / "sweep.json").exists():
             return cls()
         recorded = report.load(results_dir)
-        if differences := _differences(recorded["settings"], settings):
+        if differences := report.setting_differences(recorded["settings"], settings):
             raise ValueError(
                 f"{results_dir} records a study with other settings ({'; '.join(differences)}); its runs are not "
                 f"this study's, and writing this one's results there would replace them. Pass another "
@@ -107,25 +107,6 @@ class Ledger:
             for r in rows:
                 getattr(ledger, kind).setdefault(by_run(r), []).append(r)
         return ledger
-
-
-# Settings that say where and how a run executes, not what it computes: parts of a study may differ in them.
-_EXECUTION_SETTINGS = frozenset({
-    "data_dir", "manual_dir", "compilation_cache_dir", "coordinator_address", "distributed", "num_processes",
-    "process_id", "async_checkpoint", "checkpoint_every", "max_to_keep", "progress_bar", "profile_steps",
-    "cache_max_mb", "read_threads", "worker_count"})
-
-
-def _differences(recorded: dict[str, Any], settings: dict[str, Any], prefix: str = "") -> list[str]:
-    """'key: recorded -> now' for each setting (nested keys dotted) that changes what the runs compute."""
-    differences = []
-    for key in sorted((set(recorded) | set(settings)) - {"notes"} - _EXECUTION_SETTINGS):  # notes: derived text
-        old, new = recorded.get(key, "unset"), settings.get(key, "unset")
-        if isinstance(old, dict) and isinstance(new, dict):
-            differences += _differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            differences.append(f"{prefix}{key}: {old} -> {new}")
-    return differences
 
 
 def holdout_splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
