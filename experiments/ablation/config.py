@@ -11,17 +11,18 @@ chosen rate in {workdir}/gmacs{budget}/data{percent}/{model}_{fusion}_seed{k}, s
 test split and on corrupted copies of it at three severities. Any training key can be changed
 from the command line under `train.`, e.g. `--config.train.num_epochs=3`.
 
-What it costs on the project's 2-core CPU machine, and how it splits: the grid is 30 search
-runs of one epoch (54,000 images) plus one past the grid's edge for every model whose best rate
-lies there (10 after part 2), 30 runs at 0.02 GMACs and 21 at 0.005 GMACs of two epochs
-(938 steps of 128), and 15 runs on 10% of the data. Left out to fit: at 0.005 GMACs the concat,
-add and cross-attention fusions (gating, FCU and the bridge train there), and on 10% of the data
-every fusion but gating. Training speed on a quiet machine ranges from about 180 img/s (MaxViT)
-to 600 (the parallel hybrids) at 0.02 GMACs, so the whole study is about 6 hours: three parts
-of `--max_hours 2.5` (the same command each time; a part starts no run after its hours,
-finishes the one in flight, and the next carries on). The order makes a stopped part useful:
-the search, then the main budget seed by seed, then the small budget, then the 10% data. On a
-GPU the whole study runs at once.
+What it costs on the project's 2-core CPU machine, and how it splits: 30 search runs of one
+epoch (54,000 images) plus one past the grid's edge for every model whose best rate lies there
+(10 in the committed study), 30 runs at 0.02 GMACs and 21 at 0.005 GMACs of 936 steps of 128,
+and 15 runs on 10% of the data. Left out to fit: at 0.005 GMACs the concat, add and
+cross-attention fusions (gating, FCU and the bridge train there), and on 10% of the data every
+fusion but gating. Measured (results/runs.csv and lr_search.csv, on a machine shared with other
+work, so 1-3x the quiet time): search runs 133-638 s (3.1 h in all), 0.02 GMACs runs 216-898 s
+(3.6 h), 0.005 GMACs runs 76-371 s (0.9 h), 10%-data runs 224-351 s (1.2 h): 8.8 h, about 6 h
+quiet, so three parts of `--max_hours 2.5` on a quiet machine (the same command each time; a part
+starts no run after its hours, finishes the one in flight, and the next carries on). The order
+makes a stopped part useful: the search, then the main budget seed by seed, then the small
+budget, then the 10% data. On a GPU the whole study runs at once.
 """
 
 import ml_collections

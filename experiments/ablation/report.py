@@ -326,8 +326,8 @@ def finding(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]] | 
         seeds = min(int(r["seeds"]) for r in chosen)
         text.append(f"**{cell_label(cell)}** ({seeds}+ seeds). Best model per pattern: {order_text}.")
         if records and len(ranking) > 1:
-            text.append(f"The best, {label(ranking[0])}, is "
-                        f"{_claim_against(against_best(records, ranking, cell))}.")
+            text.append(f"The best, {label(ranking[0])}, against the best of each other pattern (Holm over "
+                        f"{len(ranking) - 1}): {_claim_against(against_best(records, ranking, cell))}.")
         fusions = [r for r in chosen if r["pattern"] == "parallel"]
         if records and len(fusions) > 1:
             ranked = sorted(fusions, key=lambda r: -r["accuracy_mean"])
@@ -362,7 +362,7 @@ def finding(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]] | 
                 loss = {k: {s: full_seeds[k][s] - few_seeds[k][s] for s in set(full_seeds.get(k, {}))
                             & set(few_seeds.get(k, {}))} for _, k in drops}
                 c = stats.paired(drops[-1][1], drops[0][1], loss[drops[-1][1]], loss[drops[0][1]])
-                text.append(f"The largest loss against the smallest: {c.verdict()}.")
+                text.append(f"{drops[-1][1]} loses more than {drops[0][1]}: {c.verdict()}.")
     chosen = in_cell(rows, main)
     if records and any(r["shift_accuracy_mean"] == r["shift_accuracy_mean"] for r in chosen):
         robust = sorted(chosen, key=lambda r: -r["shift_accuracy_mean"])
