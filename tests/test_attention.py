@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hybrid_jax.layers import MultiHeadAttention, attention_path, dot_product_attention
-from hybrid_jax.layers.attention import ATTENTION_WEIGHTS, attention_weights
+from hybrid_jax.layers.attention import ATTENTION_WEIGHTS, _even_lengths_for_cudnn, attention_weights
 
 
 def naive_attention(q, k, v, bias=None, mask=None, scale=None):
@@ -81,6 +81,28 @@ def test_cudnn_on_cpu_is_a_clear_error_and_auto_falls_back():
         dot_product_attention(q, k, v, implementation="flash")
 
 
+@pytest.mark.parametrize("q_len,kv_len,with_bias,with_mask", [(49, 49, True, False), (197, 197, False, False),
+                                                             (7, 12, True, True)], ids=["levit", "vit", "cross"])
+def test_odd_lengths_padded_for_cudnn_leave_result_and_gradients_unchanged(q_len, kv_len, with_bias, with_mask):
+    """The padding cuDNN gets for odd lengths, run through XLA here: same output and gradients as unpadded."""
+    q, k, v = random_qkv(jax.random.key(24), q_len=q_len, kv_len=kv_len, key_dim=8, value_dim=8)
+    bias = jax.random.normal(jax.random.key(25), (1, 3, q_len, kv_len)) if with_bias else None
+    mask = (jax.random.bernoulli(jax.random.key(26), 0.7, (2, 1, q_len, kv_len)).at[..., 0].set(True)
+            if with_mask else None)
+
+    def padded(q, k, v):
+        (q, k, v, b, m), lengths = _even_lengths_for_cudnn(q, k, v, bias, mask)
+        assert q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
+        return jax.nn.dot_product_attention(q, k, v, bias=b, mask=m, implementation="xla", **lengths)[:, :q_len]
+
+    np.testing.assert_allclose(padded(q, k, v), naive_attention(q, k, v, bias, mask), atol=1e-5, rtol=1e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    ours = jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, bias, mask)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_bfloat16_within_bf16_tolerance():
     q, k, v = random_qkv(jax.random.key(9), q_len=33, kv_len=33, key_dim=64, value_dim=64)
     out = dot_product_attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)))
@@ -152,3 +174,50 @@ def test_weights_are_sown_only_when_the_collection_is_mutable():
     # The default path traces no second softmax: the sown one adds exactly one more exp.
     count_exp = lambda **kw: str(jax.make_jaxpr(lambda v: module.apply(v, x, **kw))(variables)).count(" exp ")
     assert count_exp(mutable=[ATTENTION_WEIGHTS]) == count_exp() + 1
+
+
+# --------------------------------------------------------------------------- #
+# cuDNN flash attention, on an NVIDIA GPU only: JAX_PLATFORMS=cuda pytest -m gpu tests/test_attention.py
+# --------------------------------------------------------------------------- #
+
+
+def _relative_error(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(out))
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len,kv_len,key_dim,value_dim,with_bias,with_mask", [
+    (197, 197, 64, 64, False, False),  # ViT-B/16: odd length
+    (64, 64, 32, 32, True, False),  # a relative-position bias (CoAtNet, MaxViT)
+    (64, 128, 64, 64, False, True),  # cross-attention with a mask
+    (49, 49, 16, 64, True, False),  # LeViT: values wider than keys, odd length with a bias
+    (63, 127, 32, 32, True, True),  # odd lengths, bias and mask
+    (50, 50, 256, 256, False, False),  # Hopper's widest head
+], ids=["vit", "bias", "cross-mask", "levit", "odd-bias-mask", "head256"])
+def test_cudnn_matches_a_float32_reference_forward_and_backward(q_len, kv_len, key_dim, value_dim, with_bias,
+                                                                 with_mask):
+    """cuDNN in bf16 against the entry point's XLA path on the same values in float32 at full precision."""
+    q, k, v = random_qkv(jax.random.key(20), batch=4, q_len=q_len, kv_len=kv_len, heads=4, key_dim=key_dim,
+                         value_dim=value_dim)
+    bias = jax.random.normal(jax.random.key(21), (1, 4, q_len, kv_len)) if with_bias else None
+    mask = (jax.random.bernoulli(jax.random.key(22), 0.7, (4, 1, q_len, kv_len)).at[..., 0].set(True)
+            if with_mask else None)
+    q, k, v = (t.astype(jnp.bfloat16) for t in (q, k, v))  # both paths see the same rounded inputs
+    assert attention_path(q, k, v, has_bias_or_mask=with_bias or with_mask)[0] == "cudnn"
+    cotangent = jax.random.normal(jax.random.key(23), (4, q_len, 4, value_dim))
+
+    def forward_and_grads(impl, dtype, q, k, v, bias, mask, cotangent):  # arrays as arguments: no constant folding
+        attend = lambda q, k, v: dot_product_attention(q, k, v, bias, mask, implementation=impl)
+        out, pullback = jax.vjp(attend, *(t.astype(dtype) for t in (q, k, v)))
+        return out, pullback(cotangent.astype(dtype))
+
+    step = jax.jit(forward_and_grads, static_argnums=(0, 1))
+    with jax.default_matmul_precision("highest"):
+        ref_out, ref_grads = step("xla", jnp.float32, q, k, v, bias, mask, cotangent)
+    out, grads = step("cudnn", jnp.bfloat16, q, k, v, bias, mask, cotangent)
+    assert out.dtype == jnp.bfloat16 and out.shape == ref_out.shape
+    assert _relative_error(out, ref_out) < 1e-2
+    for name, grad, ref in zip("qkv", grads, ref_grads):
+        assert _relative_error(grad, ref) < 2e-2, name

@@ -84,10 +84,6 @@ def attention_path(q: jax.Array, k: jax.Array, v: jax.Array, *, has_bias_or_mask
         return "cudnn", "asked for cudnn"
     if implementation != "auto":
         raise ValueError(f"unknown attention implementation {implementation!r}; choose xla, cudnn or auto")
-    seq_odd = q.shape[1] % 2 or k.shape[1] % 2
-    if reason is None and has_bias_or_mask and seq_odd:
-        # cuDNN's backward pass with a bias needs even sequence lengths.
-        reason = f"cuDNN attention with a bias or mask needs even sequence lengths, got {q.shape[1]} and {k.shape[1]}"
     if reason:
         return "xla", f"auto fell back to XLA: {reason}"
     return "cudnn", "auto chose cuDNN flash attention"
@@ -99,6 +95,34 @@ def _pad_last(x: jax.Array, width: int) -> jax.Array:
 
 def _broadcast_4d(t: jax.Array) -> jax.Array:
     return jnp.broadcast_to(t, (1,) * (4 - t.ndim) + t.shape)
+
+
+def _pad_to(x: jax.Array | None, axis: int, size: int, value: Any = 0) -> jax.Array | None:
+    """`x` padded with `value` to `size` along `axis`; a broadcast axis (length 1) stays as it is."""
+    if x is None or x.shape[axis] in (1, size):
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _even_lengths_for_cudnn(q, k, v, bias, mask) -> tuple[tuple, dict[str, jax.Array]]:
+    """q, k, v, bias, mask with odd sequence lengths padded by one position, and the lengths that hide it.
+
+    cuDNN's training kernels take even sequence lengths only (JAX 0.11 applies its with-bias rule to
+    every call: ViT's 197 tokens were refused on an H200). The padded key is kept out of every softmax
+    by `key_value_seq_lengths` rather than by a mask, so no bias tensor is added; the padded query's
+    output is sliced off by the caller.
+    """
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    q_even, kv_even = q_len + q_len % 2, kv_len + kv_len % 2
+    q = _pad_to(q, 1, q_even)
+    k, v = _pad_to(k, 1, kv_even), _pad_to(v, 1, kv_even)
+    bias = _pad_to(_pad_to(bias, 2, q_even), 3, kv_even)
+    mask = _pad_to(_pad_to(mask, 2, q_even, True), 3, kv_even, True)
+    lengths = {"query_seq_lengths": jnp.full((batch,), q_len, jnp.int32),
+               "key_value_seq_lengths": jnp.full((batch,), kv_len, jnp.int32)}
+    return (q, k, v, bias, mask), lengths
 
 
 def attention_weights(q: jax.Array, k: jax.Array, bias: jax.Array | None = None, mask: jax.Array | None = None, *,
@@ -174,10 +198,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
         bias = _broadcast_4d(bias).astype(v.dtype)
     if mask is not None:
         mask = _broadcast_4d(mask).astype(bool)
+    q_len, lengths = q.shape[1], {}
+    if backend == "cudnn" and (q_len % 2 or k.shape[1] % 2):
+        (q, k, v, bias, mask), lengths = _even_lengths_for_cudnn(q, k, v, bias, mask)
     out = jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, scale=scale if scale is not None else key_dim ** -0.5,
-        implementation=backend)
-    return out[..., :value_dim]
+        implementation=backend, **lengths)
+    return out[:, :q_len, :, :value_dim]
 
 
 class MultiHeadAttention(nn.Module):

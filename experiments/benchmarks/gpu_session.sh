@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# A lent GPU's checks in one command, cheapest first (README: "On a GPU session").
+#   device run, carry [".whl"], timeout_s 560:  bash experiments/benchmarks/gpu_session.sh
+# 1. the accelerator suite's own path on a tiny model, in seconds: a broken path stops here, not after minutes;
+# 2. cuDNN flash attention against a float32 reference, forward and backward (tests/test_attention.py -m gpu);
+# 3. the accelerator suite (SUITE_BUDGET_S, default 420 s). Everything lands in $OUT (default /tmp/gpu_session).
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then  # pure-Python packages the device image lacks (dm-pix, ml-collections)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+
+python3 -m hybrid_jax.analysis.accelerator --library --smoke --in_process --models test_vit 2>&1 | tee "$OUT/smoke.txt"
+if ! grep "| test_vit | xla |" "$OUT/smoke.txt" | grep -qv "failed"; then  # the XLA row: cuDNN's may fail alone
+  echo "the smoke's XLA row failed: stopping before the suite"; exit 1
+fi
+
+JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_attention.py 2>&1 \
+  | tee "$OUT/attention_tests.txt" | tail -n 12
+
+python3 -m hybrid_jax.analysis.accelerator --library --time_budget_s "${SUITE_BUDGET_S:-420}" --out_dir "$OUT" 2>&1 \
+  | tee "$OUT/accelerator_log.txt"
