@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import jax
 import pytest
 
 from hybrid_jax.analysis import accelerator, benchmark
@@ -141,6 +142,24 @@ def test_accelerator_suite_smoke_trains_in_bf16_with_float32_params(tmp_path, ca
     md = (tmp_path / "cpu" / "accelerator.md").read_text()
     assert "| ViT-B/16 | test_vit | xla | 2 |" in md and "| ViT-B/16 | test_vit | cudnn | 2 |" in md
     assert "SMOKE RUN" in md and "SMOKE RUN" in capsys.readouterr().out
+    assert xla.setup_s > 0 and xla.compile_s > 0 and xla.row_s >= xla.setup_s + xla.compile_s
+    assert xla.jax_version == jax.__version__
+
+    # --resume keeps the measured row as it was and runs only the rest: here the cuDNN row, unavailable again.
+    earlier = tmp_path / "earlier.json"
+    earlier.write_bytes((tmp_path / "cpu" / "accelerator.json").read_bytes())
+    accelerator.main(["--smoke", "--models", "test_vit", "--out_dir", str(tmp_path / "again"),
+                      "--resume", str(earlier)])
+    again = json.loads((tmp_path / "again" / "cpu" / "accelerator.json").read_text())
+    assert again["rows"][0] == dataclasses.asdict(xla) and again["rows"][1]["status"] == "unavailable"
+    assert "keeping 1 row(s) measured by an earlier run" in again["header"][-1]
+    assert "(kept from the earlier table)" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no such file.*leave --resume out"):
+        accelerator.main(["--smoke", "--resume", str(tmp_path / "missing.json")])
+    other = json.loads(earlier.read_text()) | {"device_kind": "NVIDIA H200"}
+    earlier.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="on 'NVIDIA H200', and this is 'cpu'.*benchmarks/cpu/accelerator.json"):
+        accelerator.main(["--smoke", "--resume", str(earlier)])
 
 
 def test_accelerator_suite_time_budget_skips_rows_with_a_note():
@@ -158,6 +177,7 @@ def test_accelerator_suite_time_budget_skips_rows_with_a_note():
     assert (answered.status, answered.device_kind) == ("unavailable", "cpu")
     stopped = accelerator._row_in_own_process({**kwargs, "attn_impl": "xla"}, timeout_s=0.01)
     assert stopped.status == "skipped" and "stopped after" in stopped.note
+    assert accelerator._device_kind(own_process=True) == "cpu"  # --resume's check, without taking the device here
 
 
 def test_benchmark_suite_flag_hands_the_rest_of_the_command_line_to_the_accelerator_suite(monkeypatch):

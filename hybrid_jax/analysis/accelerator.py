@@ -1,7 +1,7 @@
 """The accelerator suite (issue 17, item 4): the training step of six models in bf16 on one device.
 
   python -m hybrid_jax.analysis.accelerator [--smoke] [--time_budget_s 450] [--out_dir experiments/benchmarks]
-      [--models 'vit*'] [--batch N] [--peak_tflops T] [--in_process] [--library]
+      [--models 'vit*'] [--batch N] [--peak_tflops T] [--in_process] [--library] [--resume PREVIOUS.json]
 
 (`python -m hybrid_jax.analysis.benchmark --suite accelerator ...` runs the same.) It trains the models
 of `ACCELERATOR_SUITE` (ViT-B/16, Conformer-S, CoAtNet-0, MaxViT-T, Mobile-Former-508M, the 224-px
@@ -9,8 +9,10 @@ parallel hybrid) with the training loop's own step (`benchmark.loop_train_step`)
 float32 parameters, with each attention implementation, and reports train img/s, MFU against the
 device's bf16 peak, peak device memory and where each stands against NVIDIA's ViT-B/16 anchor and the
 50% MFU goal (`run_suite`), each row in a process of its own within a time budget; it writes
-OUT_DIR/<device>/accelerator.md and .json. `--smoke` runs the same path with the registry's tiny
-stand-ins on any device, for tests. experiments/benchmarks/README.md explains the numbers.
+OUT_DIR/<device>/accelerator.md and .json. `--resume` keeps the measured rows of an earlier table of the
+same device and runs only the rest, so short device sessions complete the table between them. `--smoke`
+runs the same path with the registry's tiny stand-ins on any device, for tests.
+experiments/benchmarks/README.md explains the numbers.
 """
 
 import argparse
@@ -90,8 +92,11 @@ class SuiteRow:
     status: str = "ok"  # ok | unavailable | failed | skipped
     note: str = ""
     device_kind: str = ""
+    jax_version: str = ""
     gmacs: float | None = None  # forward multiply-adds per image (the model's own count)
+    setup_s: float | None = None  # the model, its initialised train state and the batch, on the device
     compile_s: float | None = None  # lowering + compiling the train step
+    row_s: float | None = None  # the whole row, its process's start included: what it cost of the time budget
     step_ms: float | None = None
     train_img_s: float | None = None
     mfu: float | None = None  # TRAIN_FLOPS_PER_MAC * MACs * img/s over the device's bf16 peak
@@ -159,9 +164,12 @@ def _peak_memory(compiled, own_process: bool) -> tuple[float, str]:
 
 def _measure_row(row: SuiteRow, *, smoke: bool, peak_tflops: float | None, own_process: bool) -> None:
     """Fills `row` with its train step's compile time, rate, MFU, peak memory and dtypes."""
+    start = time.perf_counter()
     model = _suite_model(row.model, row.attn_impl)
     size = model_info(row.model).input_size
     jitted, state, batch = loop_train_step(model, size, row.batch)
+    jax.block_until_ready(state)
+    row.setup_s = time.perf_counter() - start
     start = time.perf_counter()
     lowered = jitted.lower(state, batch)
     compiled = lowered.compile()
@@ -191,7 +199,8 @@ def measure_suite_row(label: str, model: str, attn_impl: str, batch: int, *, smo
     Args:
       own_process: this process runs this row alone, so the allocator's peak is the row's peak memory.
     """
-    row = SuiteRow(label, model, attn_impl, batch, device_kind=jax.devices()[0].device_kind)
+    row = SuiteRow(label, model, attn_impl, batch, device_kind=jax.devices()[0].device_kind,
+                   jax_version=jax.__version__)
     if attn_impl == "cudnn" and jax.default_backend() != "gpu":
         row.status, row.note = "unavailable", f"cuDNN attention needs an NVIDIA GPU; this is {jax.default_backend()}"
         return row
@@ -249,31 +258,41 @@ def suite_plan(*, smoke: bool = False, patterns: list[str] | None = None,
     return first + [r for r in rest if r["attn_impl"] != "cudnn"] + [r for r in rest if r["attn_impl"] == "cudnn"]
 
 
+def _key(row: SuiteRow | dict[str, Any]) -> tuple[str, str, int]:
+    get = row.get if isinstance(row, dict) else lambda name: getattr(row, name)
+    return get("model"), get("attn_impl"), get("batch")
+
+
 def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: int | None = None,
               time_budget_s: float = 450.0, own_processes: bool | None = None, peak_tflops: float | None = None,
-              clock: Callable[[], float] = time.monotonic, log: Callable[[str], Any] = print) -> list[SuiteRow]:
+              measured: list[SuiteRow] | None = None, clock: Callable[[], float] = time.monotonic,
+              log: Callable[[str], Any] = print) -> list[SuiteRow]:
     """The accelerator suite's rows (see `suite_plan`), stopping itself within `time_budget_s`.
 
     A row starts only with time left (10 s outside smoke mode); in its own process (the default outside
-    smoke mode) it is stopped when the budget ends. Rows not run are kept, with a note saying why.
+    smoke mode) it is stopped when the budget ends. Rows not run are kept, with a note saying why. A row
+    of `measured` (an earlier table's, status ok) with the same model, attention and batch is kept as it
+    was instead of run again.
 
     Returns:
       The rows in the suite's model order, each model's XLA row before its cuDNN row.
     """
     own_processes = not smoke if own_processes is None else own_processes
     deadline, min_left = clock() + time_budget_s, 0.0 if smoke else 10.0
+    earlier = {_key(r): r for r in measured or [] if r.status == "ok"}
     rows = []
     for kwargs in suite_plan(smoke=smoke, patterns=patterns, batch=batch):
         kwargs = {**kwargs, "peak_tflops": peak_tflops}
-        left = deadline - clock()
-        if left <= min_left:
+        started, left = clock(), deadline - clock()
+        if _key(kwargs) in earlier:
+            row = earlier[_key(kwargs)]
+        elif left <= min_left:
             row = SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"], status="skipped",
                            note=f"not started: the {time_budget_s:g} s time budget was spent")
-        elif own_processes:
-            row = _row_in_own_process(kwargs, left)
         else:
-            row = measure_suite_row(**kwargs)
-        log(suite_table([row]).splitlines()[-1])
+            row = _row_in_own_process(kwargs, left) if own_processes else measure_suite_row(**kwargs)
+            row.row_s = clock() - started
+        log(suite_table([row]).splitlines()[-1] + (" (kept from the earlier table)" if _key(kwargs) in earlier else ""))
         rows.append(row)
     order = [e.smoke_name if smoke else e.name for e in ACCELERATOR_SUITE]
     return sorted(rows, key=lambda r: (order.index(r.model), r.attn_impl == "cudnn"))
@@ -281,7 +300,8 @@ def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: 
 
 _SUITE_COLUMNS: list[tuple[str, Callable[[SuiteRow], str]]] = [
     ("model", lambda r: r.label), ("registry name", lambda r: r.model), ("attn", lambda r: r.attn_impl),
-    ("batch", lambda r: str(r.batch)), ("compile s", lambda r: format_cell(r.compile_s, ".1f")),
+    ("batch", lambda r: str(r.batch)), ("setup s", lambda r: format_cell(r.setup_s, ".1f")),
+    ("compile s", lambda r: format_cell(r.compile_s, ".1f")), ("row s", lambda r: format_cell(r.row_s, ".0f")),
     ("step ms", lambda r: format_cell(r.step_ms, ".1f")), ("train img/s", lambda r: format_cell(r.train_img_s, ",.0f")),
     ("GMACs/img", lambda r: format_cell(r.gmacs, ".3g")), ("MFU", lambda r: format_cell(r.mfu, ".1%")),
     ("x anchor", lambda r: format_cell(r.vs_anchor, ".2f")), ("x goal", lambda r: format_cell(r.vs_goal, ".2f")),
@@ -301,14 +321,15 @@ def suite_table(rows: list[SuiteRow]) -> str:
 
 
 def suite_header(rows: list[SuiteRow], *, smoke: bool, time_budget_s: float, elapsed_s: float,
-                 peak_tflops: float | None) -> list[str]:
+                 peak_tflops: float | None, kept: int = 0) -> list[str]:
     """What the table measured, how, and on what: the lines above it."""
     kind = next((r.device_kind for r in rows if r.device_kind), "") or jax.devices()[0].device_kind
     peak = device_peak_flops(peak_tflops, kind)
     timing = SMOKE_TIMING if smoke else SUITE_TIMING
+    versions = sorted({r.jax_version for r in rows if r.jax_version}) or [jax.__version__]
     return [
         f"device: {kind}; bf16 peak for MFU: {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (--peak_tflops)'}; "
-        f"jax {jax.__version__}; process settings: {process_settings()}"
+        f"jax {', '.join(versions)}; process settings: {process_settings()}"
         + ("; SMOKE RUN (tiny stand-ins, batch 2): the path, not the numbers" if smoke else ""),
         "Train step: the training loop's own (AdamW, flip augmentation, EMA off), bfloat16 compute with float32 "
         f"parameters, one device; img/s = batch over the median step time of {timing['windows']} window(s) of "
@@ -319,7 +340,10 @@ def suite_header(rows: list[SuiteRow], *, smoke: bool, time_budget_s: float, ela
         f"Anchor: NVIDIA's JAX ViT-B/16 pre-training, {ANCHOR_IMG_S:,.0f} img/s per H100 in bf16 "
         f"({ANCHOR_MFU:.1%} MFU); goal: {GOAL_MFU:.0%} MFU ({GOAL_IMG_S:,.0f} img/s for ViT-B/16). 'x anchor' and "
         "'x goal': ViT-B/16 by img/s, the other models by MFU.",
-        f"Time budget {time_budget_s:g} s; the suite took {elapsed_s:.0f} s.",
+        f"Time budget {time_budget_s:g} s; the suite took {elapsed_s:.0f} s"
+        + (f", keeping {kept} row(s) measured by an earlier run (--resume)." if kept else ".")
+        + " Setup s: building the model, its initialised train state and the batch; row s: the whole row, its "
+        "process's start included.",
     ]
 
 
@@ -340,6 +364,30 @@ def write_suite(rows: list[SuiteRow], header: list[str], out_dir: str | os.PathL
     return folder / "accelerator.md"
 
 
+def _device_kind(own_process: bool) -> str:
+    """This machine's first device kind; from a child process when rows run in their own, so that this
+    process never takes the accelerator's memory from them."""
+    if not own_process:
+        return jax.devices()[0].device_kind
+    done = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+def read_measured(path: str | os.PathLike, device_kind: str) -> list[SuiteRow]:
+    """The measured rows of an earlier accelerator.json, which must be this device kind's."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such file; give the accelerator.json of an earlier run "
+                                f"on this device kind ({device_kind}), or leave --resume out")
+    table = json.loads(path.read_text())
+    if table.get("device_kind") != device_kind:
+        raise ValueError(f"--resume {path} was measured on {table.get('device_kind')!r}, and this is {device_kind!r}: "
+                         f"give this device's table (experiments/benchmarks/{device_slug(device_kind)}/"
+                         "accelerator.json), or leave --resume out")
+    return [row for row in (SuiteRow(**fields) for fields in table["rows"]) if row.status == "ok"]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Runs, prints and (outside smoke mode, or with --out_dir) writes the suite's table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -356,15 +404,21 @@ def main(argv: list[str] | None = None) -> None:
                                                       "(default experiments/benchmarks; nothing in smoke mode)")
     parser.add_argument("--library", action="store_true",
                         help="run without the command line's process settings (hybrid_jax/runtime.py)")
+    parser.add_argument("--resume", default="", help="an earlier accelerator.json of this device kind: keep its "
+                                                     "measured rows, run only the others")
     args = parser.parse_args(argv)
     start = time.monotonic()
     patterns = [p.strip() for p in args.models.split(",")] if args.models else None
-    print(f"accelerator suite{' (smoke)' if args.smoke else ''}: time budget {args.time_budget_s:g} s", flush=True)
+    own_processes = not (args.in_process or args.smoke)
+    measured = read_measured(args.resume, _device_kind(own_processes)) if args.resume else []
+    print(f"accelerator suite{' (smoke)' if args.smoke else ''}: time budget {args.time_budget_s:g} s"
+          + (f"; {len(measured)} measured row(s) in {args.resume}" if args.resume else ""), flush=True)
     rows = run_suite(smoke=args.smoke, patterns=patterns, batch=args.batch, time_budget_s=args.time_budget_s,
-                     own_processes=False if args.in_process else None, peak_tflops=args.peak_tflops,
+                     own_processes=own_processes, peak_tflops=args.peak_tflops, measured=measured,
                      log=lambda text: print(text, flush=True))
+    kept = sum(any(row is old for old in measured) for row in rows)
     header = suite_header(rows, smoke=args.smoke, time_budget_s=args.time_budget_s,
-                          elapsed_s=time.monotonic() - start, peak_tflops=args.peak_tflops)
+                          elapsed_s=time.monotonic() - start, peak_tflops=args.peak_tflops, kept=kept)
     print("\n" + "\n".join(header) + "\n\n" + suite_table(rows))
     out_dir = args.out_dir or (None if args.smoke else "experiments/benchmarks")
     if out_dir:
