@@ -162,7 +162,7 @@ def test_accelerator_suite_smoke_trains_in_bf16_with_float32_params(tmp_path, ca
         accelerator.main(["--smoke", "--resume", str(earlier)])
 
 
-def test_accelerator_suite_time_budget_skips_rows_with_a_note():
+def test_accelerator_suite_time_budget_skips_rows_with_a_note(tmp_path):
     plan = accelerator.suite_plan()
     assert [(r["model"], r["attn_impl"]) for r in plan[:3]] == [
         ("vit_base_patch16_224", "xla"), ("vit_base_patch16_224", "cudnn"), ("conformer_small_patch16", "xla")]
@@ -171,10 +171,13 @@ def test_accelerator_suite_time_budget_skips_rows_with_a_note():
     assert [r.label for r in rows[::2]] == [m.label for m in accelerator.ACCELERATOR_SUITE]
     assert all(r.status == "skipped" and "time budget" in r.note for r in rows)
     assert "| skipped: not started: the 1e-09 s time budget was spent |" in accelerator.suite_table(rows)
-    # A row in its own process (as on an accelerator) answers with its row, and is stopped at the budget.
+    # A row in its own process (as on an accelerator) answers with its row, and is stopped at the budget;
+    # the programs it compiles go to the suite's shared compilation cache.
     kwargs = dict(label="ViT-B/16", model="test_vit", attn_impl="cudnn", batch=2, smoke=True)
     answered = accelerator._row_in_own_process(kwargs, timeout_s=300)
     assert (answered.status, answered.device_kind) == ("unavailable", "cpu")
+    measured = accelerator._row_in_own_process({**kwargs, "attn_impl": "xla"}, timeout_s=300, cache_dir=str(tmp_path))
+    assert measured.status == "ok" and len(list(tmp_path.iterdir())) >= 2  # the state's init and the train step
     stopped = accelerator._row_in_own_process({**kwargs, "attn_impl": "xla"}, timeout_s=0.01)
     assert stopped.status == "skipped" and "stopped after" in stopped.note
     assert accelerator._device_kind(own_process=True) == "cpu"  # --resume's check, without taking the device here

@@ -24,6 +24,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -220,10 +221,17 @@ _ROW_PROCESS = ("import dataclasses, json, sys; from hybrid_jax.analysis import 
                 "print(a.ROW_PREFIX + json.dumps(dataclasses.asdict(row)), flush=True)")
 
 
-def _row_in_own_process(kwargs: dict[str, Any], timeout_s: float) -> SuiteRow:
-    """`measure_suite_row(**kwargs)` in a fresh Python process: its own allocator peak, and killable at the budget."""
+def _row_in_own_process(kwargs: dict[str, Any], timeout_s: float, cache_dir: str | None = None) -> SuiteRow:
+    """`measure_suite_row(**kwargs)` in a fresh Python process: its own allocator peak, and killable at the budget.
+
+    Args:
+      cache_dir: JAX's persistent compilation cache for the process, shared by the suite's rows: a model's
+        cuDNN row then loads the train state's init program its XLA row compiled (the same program).
+    """
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_PACKAGE_ROOT),
                                                                          os.environ.get("PYTHONPATH")]))}
+    if cache_dir:
+        environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     stub = lambda status, note: SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"],
                                          status=status, note=note)
     try:
@@ -270,9 +278,9 @@ def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: 
     """The accelerator suite's rows (see `suite_plan`), stopping itself within `time_budget_s`.
 
     A row starts only with time left (10 s outside smoke mode); in its own process (the default outside
-    smoke mode) it is stopped when the budget ends. Rows not run are kept, with a note saying why. A row
-    of `measured` (an earlier table's, status ok) with the same model, attention and batch is kept as it
-    was instead of run again.
+    smoke mode) it is stopped when the budget ends, and the rows' processes share a compilation cache for
+    the run. Rows not run are kept, with a note saying why. A row of `measured` (an earlier table's,
+    status ok) with the same model, attention and batch is kept as it was instead of run again.
 
     Returns:
       The rows in the suite's model order, each model's XLA row before its cuDNN row.
@@ -281,19 +289,21 @@ def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: 
     deadline, min_left = clock() + time_budget_s, 0.0 if smoke else 10.0
     earlier = {_key(r): r for r in measured or [] if r.status == "ok"}
     rows = []
-    for kwargs in suite_plan(smoke=smoke, patterns=patterns, batch=batch):
-        kwargs = {**kwargs, "peak_tflops": peak_tflops}
-        started, left = clock(), deadline - clock()
-        if _key(kwargs) in earlier:
-            row = earlier[_key(kwargs)]
-        elif left <= min_left:
-            row = SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"], status="skipped",
-                           note=f"not started: the {time_budget_s:g} s time budget was spent")
-        else:
-            row = _row_in_own_process(kwargs, left) if own_processes else measure_suite_row(**kwargs)
-            row.row_s = clock() - started
-        log(suite_table([row]).splitlines()[-1] + (" (kept from the earlier table)" if _key(kwargs) in earlier else ""))
-        rows.append(row)
+    with tempfile.TemporaryDirectory(prefix="suite_compilation_cache_") as cache_dir:
+        for kwargs in suite_plan(smoke=smoke, patterns=patterns, batch=batch):
+            kwargs = {**kwargs, "peak_tflops": peak_tflops}
+            started, left = clock(), deadline - clock()
+            if _key(kwargs) in earlier:
+                row = earlier[_key(kwargs)]
+            elif left <= min_left:
+                row = SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"],
+                               status="skipped", note=f"not started: the {time_budget_s:g} s time budget was spent")
+            else:
+                row = _row_in_own_process(kwargs, left, cache_dir) if own_processes else measure_suite_row(**kwargs)
+                row.row_s = clock() - started
+            kept = " (kept from the earlier table)" if _key(kwargs) in earlier else ""
+            log(suite_table([row]).splitlines()[-1] + kept)
+            rows.append(row)
     order = [e.smoke_name if smoke else e.name for e in ACCELERATOR_SUITE]
     return sorted(rows, key=lambda r: (order.index(r.model), r.attn_impl == "cudnn"))
 
