@@ -7,7 +7,8 @@ keys each query may attend to. The entry point also takes shapes that
 `jax.nn.dot_product_attention` itself rejects: value heads wider or narrower than
 the key heads (LeViT) are zero-padded to a common width, which leaves the result
 unchanged because padded query/key columns add nothing to the logits and padded
-value columns are sliced off.
+value columns are sliced off. On cuDNN, odd sequence lengths (ViT's 197 tokens), which its
+training kernels refuse, are padded by one position that the sequence-length arguments hide.
 
 For interpretability (attention rollout, attention maps) the entry point also
 records the attention probabilities, but only when asked: applying a model with
