@@ -31,7 +31,7 @@ def _params(path: Path) -> list:
             for size in settings.get("sizes", ["tiny"])]
 
 
-def kernel_env(out_dir: Path, size: str = "tiny") -> dict[str, str]:
+def kernel_env(out_dir: Path, size: str) -> dict[str, str]:
     """The notebook kernel's environment: this one, minus the simulated devices, plus the notebook settings."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()

@@ -279,30 +279,30 @@ def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: 
 
     A row starts only with time left (10 s outside smoke mode); in its own process (the default outside
     smoke mode) it is stopped when the budget ends, and the rows' processes share a compilation cache for
-    the run. Rows not run are kept, with a note saying why. A row of `measured` (an earlier table's,
-    status ok) with the same model, attention and batch is kept as it was instead of run again.
+    the run. Rows not run are kept, with a note saying why. A row of `measured` (an earlier table's
+    measured rows, `read_measured`) with the same model, attention and batch is kept as it was instead
+    of run again.
 
     Returns:
       The rows in the suite's model order, each model's XLA row before its cuDNN row.
     """
     own_processes = not smoke if own_processes is None else own_processes
     deadline, min_left = clock() + time_budget_s, 0.0 if smoke else 10.0
-    earlier = {_key(r): r for r in measured or [] if r.status == "ok"}
+    earlier = {_key(r): r for r in measured or []}
     rows = []
     with tempfile.TemporaryDirectory(prefix="suite_compilation_cache_") as cache_dir:
         for kwargs in suite_plan(smoke=smoke, patterns=patterns, batch=batch):
             kwargs = {**kwargs, "peak_tflops": peak_tflops}
-            started, left = clock(), deadline - clock()
-            if _key(kwargs) in earlier:
-                row = earlier[_key(kwargs)]
+            started, left, kept = clock(), deadline - clock(), earlier.get(_key(kwargs))
+            if kept:
+                row = kept
             elif left <= min_left:
                 row = SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"],
                                status="skipped", note=f"not started: the {time_budget_s:g} s time budget was spent")
             else:
                 row = _row_in_own_process(kwargs, left, cache_dir) if own_processes else measure_suite_row(**kwargs)
                 row.row_s = clock() - started
-            kept = " (kept from the earlier table)" if _key(kwargs) in earlier else ""
-            log(suite_table([row]).splitlines()[-1] + kept)
+            log(suite_table([row]).splitlines()[-1] + (" (kept from the earlier table)" if kept else ""))
             rows.append(row)
     order = [e.smoke_name if smoke else e.name for e in ACCELERATOR_SUITE]
     return sorted(rows, key=lambda r: (order.index(r.model), r.attn_impl == "cudnn"))
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_suite(smoke=args.smoke, patterns=patterns, batch=args.batch, time_budget_s=args.time_budget_s,
                      own_processes=own_processes, peak_tflops=args.peak_tflops, measured=measured,
                      log=lambda text: print(text, flush=True))
-    kept = sum(any(row is old for old in measured) for row in rows)
+    kept = len({_key(r) for r in measured} & {_key(r) for r in rows})
     header = suite_header(rows, smoke=args.smoke, time_budget_s=args.time_budget_s,
                           elapsed_s=time.monotonic() - start, peak_tflops=args.peak_tflops, kept=kept)
     print("\n" + "\n".join(header) + "\n\n" + suite_table(rows))
