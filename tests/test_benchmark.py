@@ -154,7 +154,14 @@ def test_accelerator_suite_smoke_trains_in_bf16_with_float32_params(tmp_path, ca
     assert again["rows"][0] == dataclasses.asdict(xla) and again["rows"][1]["status"] == "unavailable"
     assert "keeping 1 row(s) measured by an earlier run" in again["header"][-1]
     assert "(kept from the earlier table)" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="no such file.*leave --resume out"):
+    # A benchmarks folder resumes from this device's table in it, and from nothing where it has none yet.
+    accelerator.main(["--smoke", "--models", "test_vit", "--out_dir", str(tmp_path / "again"),
+                      "--resume", str(tmp_path)])
+    assert "keeping 1 row(s) measured by an earlier run" in capsys.readouterr().out
+    (tmp_path / "no_tables").mkdir()
+    accelerator.main(["--smoke", "--models", "test_vit", "--resume", str(tmp_path / "no_tables")])
+    assert "keeping" not in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no such file or folder.*leave --resume out"):
         accelerator.main(["--smoke", "--resume", str(tmp_path / "missing.json")])
     other = json.loads(earlier.read_text()) | {"device_kind": "NVIDIA H200"}
     earlier.write_text(json.dumps(other))

@@ -28,7 +28,5 @@ if [ "${ATTENTION_TESTS:-1}" != 0 ]; then
     | tee "$OUT/attention_tests.txt" | tail -n 12
 fi
 
-device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/_/g; s/^_|_$//g')
-committed="experiments/benchmarks/$device/accelerator.json"
 python3 -m hybrid_jax.analysis.accelerator --library --time_budget_s "${SUITE_BUDGET_S:-420}" --out_dir "$OUT" \
-  $([ -f "$committed" ] && echo --resume "$committed") 2>&1 | tee "$OUT/accelerator_log.txt"
+  --resume experiments/benchmarks 2>&1 | tee "$OUT/accelerator_log.txt"

@@ -1,7 +1,7 @@
 """The accelerator suite (issue 17, item 4): the training step of six models in bf16 on one device.
 
   python -m hybrid_jax.analysis.accelerator [--smoke] [--time_budget_s 450] [--out_dir experiments/benchmarks]
-      [--models 'vit*'] [--batch N] [--peak_tflops T] [--in_process] [--library] [--resume PREVIOUS.json]
+      [--models 'vit*'] [--batch N] [--peak_tflops T] [--in_process] [--library] [--resume PREVIOUS.json | FOLDER]
 
 (`python -m hybrid_jax.analysis.benchmark --suite accelerator ...` runs the same.) It trains the models
 of `ACCELERATOR_SUITE` (ViT-B/16, Conformer-S, CoAtNet-0, MaxViT-T, Mobile-Former-508M, the 224-px
@@ -10,8 +10,9 @@ float32 parameters, with each attention implementation, and reports train img/s,
 device's bf16 peak, peak device memory and where each stands against NVIDIA's ViT-B/16 anchor and the
 50% MFU goal (`run_suite`), each row in a process of its own within a time budget; it writes
 OUT_DIR/<device>/accelerator.md and .json. `--resume` keeps the measured rows of an earlier table of the
-same device and runs only the rest, so short device sessions complete the table between them. `--smoke`
-runs the same path with the registry's tiny stand-ins on any device, for tests.
+same device (a file, or this device's table in a benchmarks folder) and runs only the rest, so short
+device sessions complete the table between them. `--smoke` runs the same path with the registry's tiny
+stand-ins on any device, for tests.
 experiments/benchmarks/README.md explains the numbers.
 """
 
@@ -384,12 +385,26 @@ def _device_kind(own_process: bool) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def read_measured(path: str | os.PathLike, device_kind: str) -> list[SuiteRow]:
-    """The measured rows of an earlier accelerator.json, which must be this device kind's."""
+def resume_table(path: str | os.PathLike) -> Path:
+    """The earlier table `--resume PATH` names, checked to exist before any device is asked for its kind.
+
+    PATH is an accelerator.json, or a benchmarks folder (experiments/benchmarks) holding this device's
+    table as <device>/accelerator.json.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {path}: no such file; give the accelerator.json of an earlier run "
-                                f"on this device kind ({device_kind}), or leave --resume out")
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path}: no such file or folder; give the accelerator.json of an earlier "
+                                "run on this device kind or the benchmarks folder holding it, or leave --resume out")
+    return path
+
+
+def read_measured(path: Path, device_kind: str) -> list[SuiteRow]:
+    """The measured rows of an earlier table of this device kind: PATH's own, or, for a folder, the table of
+    this device's folder in it (none yet: no rows)."""
+    if path.is_dir():
+        path = path / device_slug(device_kind) / "accelerator.json"
+        if not path.is_file():
+            return []
     table = json.loads(path.read_text())
     if table.get("device_kind") != device_kind:
         raise ValueError(f"--resume {path} was measured on {table.get('device_kind')!r}, and this is {device_kind!r}: "
@@ -414,13 +429,13 @@ def main(argv: list[str] | None = None) -> None:
                                                       "(default experiments/benchmarks; nothing in smoke mode)")
     parser.add_argument("--library", action="store_true",
                         help="run without the command line's process settings (hybrid_jax/runtime.py)")
-    parser.add_argument("--resume", default="", help="an earlier accelerator.json of this device kind: keep its "
-                                                     "measured rows, run only the others")
+    parser.add_argument("--resume", default="", help="an earlier accelerator.json of this device kind, or the "
+                        "benchmarks folder holding this device's: keep its measured rows, run only the others")
     args = parser.parse_args(argv)
     start = time.monotonic()
     patterns = [p.strip() for p in args.models.split(",")] if args.models else None
     own_processes = not (args.in_process or args.smoke)
-    measured = read_measured(args.resume, _device_kind(own_processes)) if args.resume else []
+    measured = read_measured(resume_table(args.resume), _device_kind(own_processes)) if args.resume else []
     print(f"accelerator suite{' (smoke)' if args.smoke else ''}: time budget {args.time_budget_s:g} s"
           + (f"; {len(measured)} measured row(s) in {args.resume}" if args.resume else ""), flush=True)
     rows = run_suite(smoke=args.smoke, patterns=patterns, batch=args.batch, time_budget_s=args.time_budget_s,
