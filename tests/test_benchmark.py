@@ -6,7 +6,7 @@ import json
 import jax
 import pytest
 
-from hybrid_jax.analysis import accelerator, benchmark
+from hybrid_jax.analysis import accelerator, benchmark, step_profile
 from hybrid_jax.analysis.flops import measure_registered
 
 
@@ -198,3 +198,29 @@ def test_benchmark_suite_flag_hands_the_rest_of_the_command_line_to_the_accelera
     assert calls == [["--smoke", "--time_budget_s", "60", "--out_dir", "x", "--library"], ["--smoke"]]
     with pytest.raises(SystemExit):  # the suite's flags are not the model benchmark's
         benchmark.main(["--models", "test_vit", "--smoke"])
+
+
+def test_step_profile_attributes_the_traced_ops_of_the_runs_own_step():
+    """The smoke config's train step: its ops' time is found in the trace and split by kind and by module."""
+    config = step_profile.load_config("configs/fashion_mnist.py:smoke",
+                                      ["batch_size=16", "model.widths=(8, 16, 16, 16)"])
+    assert (config.batch_size, config.model.widths) == (16, (8, 16, 16, 16))
+    profile = step_profile.profile_step(config, steps=2, timed=1)
+    total = sum(profile.op_s.values())
+    assert 0 < total < 10 * profile.step_s  # per step and device
+    modules = profile.by_module(depth=1)
+    assert modules[("forward", "stem")] > 0 and modules[("backward", "stem")] > 0
+    assert sum(profile.by_kind().values()) == pytest.approx(total)
+    assert step_profile.report(profile).startswith("test_resnet, batch 16: train step ")
+    with pytest.raises(KeyError, match="no key 'batch_sise'"):
+        step_profile.load_config("configs/fashion_mnist.py:smoke", ["batch_sise=16"])
+
+
+def test_module_path_keeps_the_module_scopes_of_an_ops_metadata():
+    name = "jit(train_step)/jvp(ParallelHybrid.branch_logits)/ParallelHybrid.forward_features/blocks_1/attn/vmap()/max"
+    assert step_profile.module_path(name, 2) == "blocks_1/attn"
+    assert step_profile.module_path(name, 1) == "blocks_1"
+    assert step_profile.module_path("jit(train_step)/transpose(jvp(ResNet))/stem/conv/conv_general_dilated", 3) == \
+        "stem/conv"
+    assert step_profile.module_path("jit(train_step)/add", 2) == "(step)"
+    assert step_profile.module_path("", 2) == "(XLA)"

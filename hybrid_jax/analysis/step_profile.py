@@ -1,0 +1,186 @@
+"""Where a run's train step spends its time: XLA's ops by kind and by model module, from a profiler trace.
+
+  python -m hybrid_jax.analysis.step_profile --config configs/fashion_mnist.py [--set key=value ...] [--steps 10]
+
+Builds the run the command line would from the same config (`--set learning_rate=6e-3`,
+`--set model.embed_dim=64`: values as Python literals), compiles its train step, times it on a
+random batch, traces `--steps` more with jax.profiler and sums each XLA op's time in the trace.
+Each op is attributed to the module its HLO metadata names (`blocks_1/attn`), forward or backward.
+Op time is per device (a mesh of N runs the program N times); it can exceed the step where ops
+overlap on a device's threads, and falls short of it by what the device waits between ops. The
+command line's process settings apply (`runtime.configure_process`).
+"""
+
+import argparse
+import ast
+import collections
+import dataclasses
+import importlib.util
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from hybrid_jax.runtime import configure_process
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+@dataclasses.dataclass
+class StepProfile:
+    """A train step's wall time and its ops' summed time, in seconds per step."""
+
+    model: str
+    batch: int
+    step_s: float  # best of the timed steps
+    op_s: dict[tuple[str, str], float]  # (op name, HLO op_name metadata) -> seconds per step and device
+
+    def by_kind(self) -> collections.Counter:
+        """Seconds per step by op kind: the instruction name without its number (`transpose_copy_fusion`)."""
+        kinds = collections.Counter()
+        for (name, _), seconds in self.op_s.items():
+            kinds[re.sub(r"\.\d+$", "", name)] += seconds
+        return kinds
+
+    def by_module(self, depth: int = 2) -> collections.Counter:
+        """Seconds per step by (forward | backward | - for ops without metadata, module path to `depth` names)."""
+        modules = collections.Counter()
+        for (_, op_name), seconds in self.op_s.items():
+            direction = "backward" if "transpose(" in op_name else "forward" if op_name else "-"
+            modules[(direction, module_path(op_name, depth))] += seconds
+        return modules
+
+
+def module_path(op_name: str, depth: int) -> str:
+    """The module scope in an op's metadata: "jit(train_step)/jvp(M)/M.forward/blocks_1/attn/vmap()/reduce_max"
+    gives "blocks_1/attn" at depth 2. Transformations ("vmap()"), methods of the top model ("M.forward") and
+    the primitive itself (the last name) are not modules; an op outside every module is "(step)", one XLA
+    made without metadata (a layout copy, say) "(XLA)"."""
+    if not op_name:
+        return "(XLA)"
+    names = op_name.split("/")[:-1]
+    top = names[1].split("(")[-1].rstrip(")").split(".")[0] if len(names) > 1 and "(" in names[1] else None
+    scope = [n for n in names if "(" not in n and not (top and n.startswith(top + "."))]
+    return "/".join(scope[:depth]) or "(step)"
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its op_name metadata ("" where XLA made it without one, as layout copies), for every
+    instruction of a compiled module's text."""
+    names = {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            op_name = _OP_NAME.search(line)
+            names.setdefault(match.group(1), op_name.group(1) if op_name else "")
+    return names
+
+
+def op_seconds(trace_dir: str | Path, op_names: dict[str, str]) -> collections.Counter:
+    """Total seconds of each traced event named like an instruction in `op_names`, keyed (name, op_name)."""
+    from jax.profiler import ProfileData
+
+    totals = collections.Counter()
+    for path in Path(trace_dir).rglob("*.xplane.pb"):
+        for plane in ProfileData.from_file(str(path)).planes:
+            for line in plane.lines:
+                for event in line.events:
+                    if event.name in op_names:
+                        totals[(event.name, op_names[event.name])] += event.duration_ns * 1e-9
+    return totals
+
+
+def load_config(spec: str, assignments: list[str]) -> ml_collections.ConfigDict:
+    """A config file's `get_config(arg)` ("configs/fashion_mnist.py:smoke"), with `key=value` assignments."""
+    from hybrid_jax.train.config import set_model_fields
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("step_profile_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    model_fields = {}
+    for assignment in assignments:
+        key, _, text = assignment.partition("=")
+        if key.startswith("model."):
+            model_fields[key.removeprefix("model.")] = text
+            continue
+        *parents, last = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        if last not in node:
+            raise KeyError(f"--set {assignment}: the config has no key {key!r}")
+        node[last] = ast.literal_eval(text) if not isinstance(node[last], str) else text
+    set_model_fields(config, model_fields)
+    return config
+
+
+def profile_step(config: ml_collections.ConfigDict, steps: int = 10, timed: int = 5) -> StepProfile:
+    """Compiles the run's train step, times `timed` rounds of `steps` steps, then traces `steps` more."""
+    from hybrid_jax.train.loop import build_run
+
+    run = build_run(config)
+    state = run.build_state()
+    shape = run.task.image_shape
+    rng = np.random.default_rng(0)
+    host = {"image": rng.integers(0, 256, (config.batch_size, *shape), dtype=np.uint8),
+            "label": rng.integers(0, run.model.num_classes, (config.batch_size,), dtype=np.int32)}
+    batch = run.placement.global_batch(host)
+    compiled = run.train_step.lower(state, batch).compile()
+
+    def run_steps(state, count):
+        for _ in range(count):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        return state
+
+    state = run_steps(state, 2)
+    best = float("inf")
+    for _ in range(timed):
+        start = time.perf_counter()
+        state = run_steps(state, steps)
+        best = min(best, (time.perf_counter() - start) / steps)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            run_steps(state, steps)
+        totals = op_seconds(trace_dir, hlo_op_names(compiled.as_text()))
+    devices = run.placement.mesh.size  # each runs the same program: op time per device
+    return StepProfile(config.model.name, config.batch_size, best,
+                       {key: seconds / steps / devices for key, seconds in totals.items()})
+
+
+def report(profile: StepProfile, top: int = 20, depth: int = 2) -> str:
+    """Two markdown tables: ms per step by op kind and by module, each with its share of all op time."""
+    total = sum(profile.op_s.values())
+    lines = [f"{profile.model}, batch {profile.batch}: train step {profile.step_s * 1e3:.1f} ms "
+             f"({profile.batch / profile.step_s:.0f} img/s), op time {total * 1e3:.1f} ms per step and device", "",
+             "| op kind | ms/step | share |", "|---|---:|---:|"]
+    lines += [f"| {kind} | {s * 1e3:.2f} | {s / total:.1%} |" for kind, s in profile.by_kind().most_common(top)]
+    lines += ["", "| pass | module | ms/step | share |", "|---|---|---:|---:|"]
+    lines += [f"| {direction} | {module} | {s * 1e3:.2f} | {s / total:.1%} |"
+              for (direction, module), s in profile.by_module(depth).most_common(top)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a config file, with ':arg' if it takes one")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a config key (repeatable); model.FIELD sets a model field")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round, and steps traced")
+    parser.add_argument("--top", type=int, default=20, help="rows per table")
+    parser.add_argument("--depth", type=int, default=2, help="module names kept in the module column")
+    args = parser.parse_args(argv)
+    profile = profile_step(load_config(args.config, args.set), args.steps)
+    print(report(profile, args.top, args.depth))
+
+
+if __name__ == "__main__":
+    configure_process()
+    main()
