@@ -3,8 +3,9 @@
   python -m hybrid_jax.analysis.step_profile --config configs/fashion_mnist.py [--set key=value ...] [--steps 10]
 
 Builds the run the command line would from the same config (`--set learning_rate=6e-3`,
-`--set model.embed_dim=64`: values as Python literals), compiles its train step, times it on a
-random batch, traces `--steps` more with jax.profiler and sums each XLA op's time in the trace.
+`--set model.embed_dim=64`: values parsed as the command line parses a model field), compiles its
+train step, times it on a random batch, traces `--steps` more with jax.profiler and sums each XLA
+op's time in the trace.
 Each op is attributed to the module its HLO metadata names (`blocks_1/attn`), forward or backward.
 Op time is per device (a mesh of N runs the program N times); it can exceed the step where ops
 overlap on a device's threads, and falls short of it by what the device waits between ops. The
@@ -12,7 +13,6 @@ command line's process settings apply (`runtime.configure_process`).
 """
 
 import argparse
-import ast
 import collections
 import dataclasses
 import importlib.util
@@ -97,7 +97,7 @@ def op_seconds(trace_dir: str | Path, op_names: dict[str, str]) -> collections.C
 
 def load_config(spec: str, assignments: list[str]) -> ml_collections.ConfigDict:
     """A config file's `get_config(arg)` ("configs/fashion_mnist.py:smoke"), with `key=value` assignments."""
-    from hybrid_jax.train.config import set_model_fields
+    from hybrid_jax.train.config import parse_value, set_model_fields
 
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("step_profile_config", path)
@@ -116,7 +116,7 @@ def load_config(spec: str, assignments: list[str]) -> ml_collections.ConfigDict:
             node = node[parent]
         if last not in node:
             raise KeyError(f"--set {assignment}: the config has no key {key!r}")
-        node[last] = ast.literal_eval(text) if not isinstance(node[last], str) else text
+        node[last] = parse_value(text, node.get_ref(last).get_type())
     set_model_fields(config, model_fields)
     return config
 

@@ -255,7 +255,7 @@ def build_model(model: ml_collections.ConfigDict, **run_fields: Any) -> nn.Modul
         raise ConfigError(f"config.model ({name}): {error}") from error
 
 
-def _parse_value(text: str, kind: type | None) -> Any:
+def parse_value(text: str, kind: type | None) -> Any:
     """A command-line value as the field's type: strings as written, everything else as a Python literal."""
     if text == "None":
         return None
@@ -278,7 +278,7 @@ def set_model_fields(config: ml_collections.ConfigDict, assignments: dict[str, s
     assignments = dict(assignments)
     with config.unlocked():
         if "name" in assignments:
-            name = _parse_value(assignments.pop("name"), str)
+            name = parse_value(assignments.pop("name"), str)
             if name != config.model.name:
                 _, carried = model_changes(config.model)
                 kept = {k: v for k, v in carried.items() if k in _variant_fields(name)}
@@ -290,7 +290,7 @@ def set_model_fields(config: ml_collections.ConfigDict, assignments: dict[str, s
                 raise ConfigError(f"model {config.model.name!r} has no field {key!r} (--config.model.{key}).{hint}")
             kind = config.model.get_ref(key).get_type()
             try:
-                config.model[key] = _parse_value(text, kind)
+                config.model[key] = parse_value(text, kind)
             except (TypeError, ConfigError) as error:
                 raise ConfigError(f"--config.model.{key}={text}: {key} takes {kind.__name__} values "
                                   f"(now {config.model[key]!r}); {error}") from None
