@@ -216,6 +216,16 @@ def test_step_profile_attributes_the_traced_ops_of_the_runs_own_step():
         step_profile.load_config("configs/fashion_mnist.py:smoke", ["batch_sise=16"])
 
 
+def test_step_profile_of_a_models_sgd_step_from_the_command_line(capsys):
+    """`--model` profiles the SGD step the PyTorch comparison times: its stem's convolution runs both ways."""
+    step_profile.main(["--model", "test_resnet", "--batch", "2", "--steps", "1", "--top", "50", "--depth", "1"])
+    table = capsys.readouterr().out
+    assert table.startswith("test_resnet, batch 2: train step ")
+    assert "| forward | stem |" in table and "| backward | stem |" in table
+    with pytest.raises(SystemExit):
+        step_profile.main(["--model", "test_resnet", "--config", "configs/fashion_mnist.py"])
+
+
 def test_module_path_keeps_the_module_scopes_of_an_ops_metadata():
     name = "jit(train_step)/jvp(ParallelHybrid.branch_logits)/ParallelHybrid.forward_features/blocks_1/attn/vmap()/max"
     assert step_profile.module_path(name, 2) == "blocks_1/attn"

@@ -19,7 +19,9 @@ from hybrid_jax.layers import (
     resample_pos_embed,
     torch_padding,
 )
+from hybrid_jax.layers.broadcast import add_shared, sum_leading_axis
 from hybrid_jax.layers.conv import grouped_conv_by_shifts
+from hybrid_jax.layers.dense import Dense, flat_dot_general
 
 
 def init_apply(module, *args, **kwargs):
@@ -180,3 +182,53 @@ def test_resample_pos_embed_follows_a_smooth_ramp():
     out = np.asarray(out)[0, 1:, 0].reshape(new, new)
     expected = np.add.outer(centers(new), centers(new))
     np.testing.assert_allclose(out[4:-4, 4:-4], expected[4:-4, 4:-4], atol=1e-3)
+
+
+@pytest.mark.parametrize("strides,padding,size", [(1, None, 9), (2, None, 9), (2, "SAME", 10), (1, "VALID", 7)])
+def test_pointwise_conv2d_is_the_convolution_as_a_matrix_product(strides, padding, size):
+    """A 1x1 Conv2d takes the matrix product (no convolution traced), with the convolution's values and gradients."""
+    x = jax.random.normal(jax.random.key(9), (2, size, size, 5))
+    conv = Conv2d(7, 1, strides, padding=padding, use_bias=True)
+    variables, out = init_apply(conv, x)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x: conv.apply(variables, x))(x))
+    kernel, bias = variables["params"]["kernel"], variables["params"]["bias"]
+    reference = lambda x, kernel: bias + jax.lax.conv_general_dilated(
+        x, kernel, (strides, strides), padding or "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(out, reference(x, kernel), atol=1e-5)
+    loss = lambda f: lambda x, kernel: jnp.sum(jnp.sin(f(x, kernel)))
+    ours = jax.grad(loss(lambda x, k: conv.apply({"params": {"kernel": k, "bias": bias}}, x)), argnums=(0, 1))
+    for got, want in zip(ours(x, kernel), jax.grad(loss(reference), argnums=(0, 1))(x, kernel)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_dense_flattens_leading_axes_with_the_results_and_names_of_nn_dense():
+    x = jax.random.normal(jax.random.key(10), (2, 3, 4, 5))
+    variables, out = init_apply(Dense(6, name="fc"), x)
+    np.testing.assert_allclose(out, nn.Dense(6, name="fc").apply(variables, x), atol=1e-6)
+    assert jax.tree.map(jnp.shape, variables) == {"params": {"kernel": (5, 6), "bias": (6,)}}
+    loss = lambda module: lambda params: jnp.sum(jnp.sin(module.apply({"params": params}, x)))
+    ours, reference = (jax.grad(loss(module))(variables["params"]) for module in (Dense(6), nn.Dense(6)))
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    product = flat_dot_general(x, jnp.ones((5, 2, 3)), (((3,), (0,)), ((), ())))  # not a dense layer's: as given
+    np.testing.assert_allclose(product, jnp.einsum("abcd,def->abcef", x, jnp.ones((5, 2, 3))), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,shared_shape", [(8, (1, 3, 4)), (7, (1, 1, 4)), (5, (3, 4)), (1, (1, 3, 4))])
+def test_add_shared_is_the_broadcast_add_in_value_and_gradients(batch, shared_shape):
+    """Odd batches take the halving sum's leftover row; axes of length 1 other than the batch are summed too."""
+    x = jax.random.normal(jax.random.key(11), (batch, 3, 4))
+    shared = jax.random.normal(jax.random.key(12), shared_shape)
+    np.testing.assert_allclose(add_shared(x, shared), x + shared, atol=1e-6)
+    loss = lambda add: lambda x, shared: jnp.sum(jnp.sin(add(x, shared)) * jnp.arange(x.size).reshape(x.shape))
+    ours = jax.grad(loss(add_shared), argnums=(0, 1))(x, shared)
+    reference = jax.grad(loss(jnp.add), argnums=(0, 1))(x, shared)
+    for got, want in zip(ours, reference):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_sum_leading_axis_of_every_length():
+    for rows in range(1, 10):
+        x = jax.random.normal(jax.random.key(rows), (rows, 2, 3))
+        np.testing.assert_allclose(sum_leading_axis(x), x.sum(0, keepdims=True), atol=1e-5)

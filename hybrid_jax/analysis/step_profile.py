@@ -1,11 +1,13 @@
 """Where a run's train step spends its time: XLA's ops by kind and by model module, from a profiler trace.
 
   python -m hybrid_jax.analysis.step_profile --config configs/fashion_mnist.py [--set key=value ...] [--steps 10]
+  python -m hybrid_jax.analysis.step_profile --model levit_256 [--batch 8] [--steps 3]
 
 Builds the run the command line would from the same config (`--set learning_rate=6e-3`,
 `--set model.embed_dim=64`: values parsed as the command line parses a model field), compiles its
 train step, times it on a random batch, traces `--steps` more with jax.profiler and sums each XLA
-op's time in the trace.
+op's time in the trace. `--model` profiles instead the plain SGD step that `benchmark --torch --train`
+races against PyTorch's, for a registered model at its default input size.
 Each op is attributed to the module its HLO metadata names (`blocks_1/attn`), forward or backward.
 Op time is per device (a mesh of N runs the program N times); it can exceed the step where ops
 overlap on a device's threads, and falls short of it by what the device waits between ops. The
@@ -19,6 +21,7 @@ import importlib.util
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -121,38 +124,66 @@ def load_config(spec: str, assignments: list[str]) -> ml_collections.ConfigDict:
     return config
 
 
+def _time_and_trace(run_steps: Callable[[int], None], compiled, steps: int, timed: int) -> tuple[float, dict]:
+    """The best of `timed` rounds of `steps` steps (seconds per step), and each op's seconds per step in a trace
+    of `steps` more; `run_steps(n)` runs n steps of `compiled` and waits for them."""
+    run_steps(2)
+    best = float("inf")
+    for _ in range(timed):
+        start = time.perf_counter()
+        run_steps(steps)
+        best = min(best, (time.perf_counter() - start) / steps)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            run_steps(steps)
+        totals = op_seconds(trace_dir, hlo_op_names(compiled.as_text()))
+    return best, {key: seconds / steps for key, seconds in totals.items()}
+
+
 def profile_step(config: ml_collections.ConfigDict, steps: int = 10, timed: int = 5) -> StepProfile:
     """Compiles the run's train step, times `timed` rounds of `steps` steps, then traces `steps` more."""
     from hybrid_jax.train.loop import build_run
 
     run = build_run(config)
-    state = run.build_state()
+    state = [run.build_state()]
     shape = run.task.image_shape
     rng = np.random.default_rng(0)
     host = {"image": rng.integers(0, 256, (config.batch_size, *shape), dtype=np.uint8),
             "label": rng.integers(0, run.model.num_classes, (config.batch_size,), dtype=np.int32)}
     batch = run.placement.global_batch(host)
-    compiled = run.train_step.lower(state, batch).compile()
+    compiled = run.train_step.lower(state[0], batch).compile()
 
-    def run_steps(state, count):
+    def run_steps(count):
         for _ in range(count):
-            state, metrics = compiled(state, batch)
+            state[0], metrics = compiled(state[0], batch)
         jax.block_until_ready(metrics)
-        return state
 
-    state = run_steps(state, 2)
-    best = float("inf")
-    for _ in range(timed):
-        start = time.perf_counter()
-        state = run_steps(state, steps)
-        best = min(best, (time.perf_counter() - start) / steps)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            run_steps(state, steps)
-        totals = op_seconds(trace_dir, hlo_op_names(compiled.as_text()))
+    best, op_s = _time_and_trace(run_steps, compiled, steps, timed)
     devices = run.placement.mesh.size  # each runs the same program: op time per device
     return StepProfile(config.model.name, config.batch_size, best,
-                       {key: seconds / steps / devices for key, seconds in totals.items()})
+                       {key: seconds / devices for key, seconds in op_s.items()})
+
+
+def profile_sgd_step(name: str, batch: int = 8, steps: int = 3, timed: int = 5) -> StepProfile:
+    """The same for the plain SGD step that `benchmark --torch --train` runs beside PyTorch's, on one device."""
+    from hybrid_jax.analysis.benchmark import sgd_train_step
+    from hybrid_jax.registry import create_model, model_info
+
+    model, size = create_model(name), model_info(name).input_size
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, model.num_classes, batch).astype(np.int32)
+    variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, images[:1], train=False)
+    tx, step = sgd_train_step(model)
+    state = [variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"])]
+    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, images, labels).compile()
+
+    def run_steps(count):
+        for _ in range(count):
+            *state[:], _ = compiled(*state, images, labels)
+        jax.block_until_ready(state)
+
+    return StepProfile(name, batch, *_time_and_trace(run_steps, compiled, steps, timed))
 
 
 def report(profile: StepProfile, top: int = 20, depth: int = 2) -> str:
@@ -170,14 +201,20 @@ def report(profile: StepProfile, top: int = 20, depth: int = 2) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a config file, with ':arg' if it takes one")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a config file, with ':arg' if it takes one: the run's own train step")
+    source.add_argument("--model", help="a registered model: the SGD step `benchmark --torch --train` times")
+    parser.add_argument("--batch", type=int, default=8, help="batch of the --model step")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a config key (repeatable); model.FIELD sets a model field")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round, and steps traced")
     parser.add_argument("--top", type=int, default=20, help="rows per table")
     parser.add_argument("--depth", type=int, default=2, help="module names kept in the module column")
     args = parser.parse_args(argv)
-    profile = profile_step(load_config(args.config, args.set), args.steps)
+    if args.model:
+        profile = profile_sgd_step(args.model, args.batch, args.steps)
+    else:
+        profile = profile_step(load_config(args.config, args.set), args.steps)
     print(report(profile, args.top, args.depth))
 
 

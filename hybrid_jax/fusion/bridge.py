@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from hybrid_jax.fusion.base import Dtype, Fusion
 from hybrid_jax.layers.attention import dot_product_attention
 from hybrid_jax.layers.axes import with_logical_partitioning
+from hybrid_jax.layers.dense import Dense
 from hybrid_jax.layers.drop import DropPath
 from hybrid_jax.layers.norm import layer_norm
 from hybrid_jax.layers.patch import grid_to_tokens
@@ -32,9 +33,9 @@ LINEAR_INIT = nn.initializers.normal(0.01)  # the official init of every Linear 
 
 
 def linear(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: Dtype,
-           name: str | None = None) -> nn.Dense:
+           name: str | None = None) -> Dense:
     """A Dense layer with Mobile-Former's init and logical axes."""
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+    return Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=with_logical_partitioning(LINEAR_INIT, axes),
                     bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 

@@ -36,13 +36,14 @@ import jax.numpy as jnp
 
 from hybrid_jax.fusion.base import Dtype, Fusion, grid_to_map, map_to_grid
 from hybrid_jax.layers.axes import with_logical_partitioning
+from hybrid_jax.layers.dense import Dense
 from hybrid_jax.layers.patch import grid_to_tokens, prepend_tokens
 
 
 def zero_dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype: Dtype, param_dtype: Dtype,
-               name: str) -> nn.Dense:
+               name: str) -> Dense:
     """A per-position projection with logical axes, starting at zero."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=with_logical_partitioning(nn.initializers.zeros, axes),
                     bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 

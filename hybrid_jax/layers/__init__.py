@@ -3,6 +3,7 @@
 from hybrid_jax.layers.act import get_act
 from hybrid_jax.layers.attention import MultiHeadAttention, attention_path, dot_product_attention
 from hybrid_jax.layers.axes import MAP, TOKENS
+from hybrid_jax.layers.broadcast import add_shared
 from hybrid_jax.layers.conv import (
     BasicBlock,
     Bottleneck,
@@ -14,6 +15,7 @@ from hybrid_jax.layers.conv import (
     max_pool_3x3,
     torch_padding,
 )
+from hybrid_jax.layers.dense import Dense
 from hybrid_jax.layers.drop import DropPath, LayerScale, drop_path_schedule
 from hybrid_jax.layers.features import FeatureExtractor, FeatureInfo
 from hybrid_jax.layers.inputs import check_divisible, check_images

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from hybrid_jax.layers.act import get_act
 from hybrid_jax.layers.axes import MAP, with_logical_partitioning
+from hybrid_jax.layers.dense import flat_dot_general
 from hybrid_jax.layers.drop import DropPath
 from hybrid_jax.layers.norm import norm_2d
 from hybrid_jax.layers.remat import checkpointed
@@ -50,6 +51,54 @@ def max_pool_3x3(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
+def _window(x: jax.Array, top: int, left: int, out_hw: tuple[int, int], strides: int) -> jax.Array:
+    """The strided slice of padded input that one tap of a convolution sees, [B, *out_hw, C]."""
+    batch, _, _, channels = x.shape
+    limit = (batch, top + (out_hw[0] - 1) * strides + 1, left + (out_hw[1] - 1) * strides + 1, channels)
+    return jax.lax.slice(x, (0, top, left, 0), limit, (1, strides, strides, 1))
+
+
+def _depthwise_taps(x: jax.Array, kernel: jax.Array, strides: int, dilation: int) -> jax.Array:
+    """A depthwise convolution of padded x (VALID) as a sum of its taps' slices scaled per channel, in x's dtype."""
+    k, span = kernel.shape[0], dilation * (kernel.shape[0] - 1) + 1
+    out_hw = tuple((size - span) // strides + 1 for size in x.shape[1:3])
+    out = 0
+    for i in range(k):
+        for j in range(k):
+            out = out + _window(x, i * dilation, j * dilation, out_hw, strides) * kernel[i, j, 0]
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x: jax.Array, kernel: jax.Array, strides: int, dilation: int) -> jax.Array:
+    return _depthwise_taps(x, kernel, strides, dilation)
+
+
+def _depthwise_forward(x, kernel, strides, dilation):
+    return _depthwise_taps(x, kernel, strides, dilation), (x, kernel)
+
+
+def _depthwise_backward(strides, dilation, residuals, grad):
+    """The input's gradient as one more depthwise convolution (of the gradient, strides spread out, with the
+    kernel flipped), rather than autodiff's zero-padded copy of the gradient per tap; the kernel's per tap."""
+    x, kernel = residuals
+    k, span = kernel.shape[0], dilation * (kernel.shape[0] - 1) + 1
+    out_hw = grad.shape[1:3]
+    grad_kernel = jnp.stack([
+        jnp.stack([jnp.sum(_window(x, i * dilation, j * dilation, out_hw, strides) * grad, axis=(0, 1, 2))
+                   for j in range(k)]) for i in range(k)])[:, :, None, :]
+    # Rows and columns of x past the last window get no gradient: `extra` pads them with zeros.
+    extra = [size - ((out - 1) * strides + span) for size, out in zip(x.shape[1:3], out_hw)]
+    spread = jax.lax.pad(grad, jnp.zeros((), grad.dtype),
+                         ((0, 0, 0), (span - 1, span - 1 + extra[0], strides - 1),
+                          (span - 1, span - 1 + extra[1], strides - 1), (0, 0, 0)))
+    grad_x = _depthwise_taps(spread, kernel[::-1, ::-1], 1, dilation)
+    return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_forward, _depthwise_backward)
+
+
 @functools.partial(jax.jit, static_argnames=("strides", "padding", "dilation", "groups"))
 def grouped_conv_by_shifts(x: jax.Array, kernel: jax.Array, strides: int,
                            padding: str | tuple[tuple[int, int], ...], dilation: int = 1,
@@ -58,7 +107,8 @@ def grouped_conv_by_shifts(x: jax.Array, kernel: jax.Array, strides: int,
 
     The same function as `conv_general_dilated(..., feature_group_count=groups)`. A depthwise
     kernel (one input and one output channel per group) scales each slice per channel, which
-    XLA fuses into one elementwise loop; any other grouping multiplies each slice by the tap's
+    XLA fuses into one elementwise loop, and its input gradient is computed the same way
+    (`_depthwise_backward`); any other grouping multiplies each slice by the tap's
     block-diagonal weights, one small matrix product per group. On CPU both are far faster than
     XLA's grouped convolution, whose gradient is 20-90x slower still. Sums in float32 at least,
     as a convolution accumulates. Jitted so that traces show it by name, which is how
@@ -69,26 +119,33 @@ def grouped_conv_by_shifts(x: jax.Array, kernel: jax.Array, strides: int,
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(x.shape[1:3], (span, span), (strides, strides), padding)
     x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    batch, height, width, channels = x.shape
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)
     in_per_group, features = kernel.shape[2:]
     out_per_group = features // groups
-    out_height, out_width = (height - span) // strides + 1, (width - span) // strides + 1
-    accumulate = jnp.promote_types(x.dtype, jnp.float32)
-    out = jnp.zeros((batch, out_height, out_width, features), accumulate)
+    if in_per_group == out_per_group == 1:
+        return _depthwise(x.astype(accumulate), kernel.astype(accumulate), strides, dilation).astype(x.dtype)
+    batch, height, width, _ = x.shape
+    out_hw = (height - span) // strides + 1, (width - span) // strides + 1
+    out = jnp.zeros((batch, *out_hw, features), accumulate)
     for i in range(k):
         for j in range(k):
-            top, left = i * dilation, j * dilation
-            window = jax.lax.slice(x, (0, top, left, 0),
-                                   (batch, top + (out_height - 1) * strides + 1, left + (out_width - 1) * strides + 1,
-                                    channels), (1, strides, strides, 1)).astype(accumulate)
-            tap = kernel[i, j].astype(accumulate)
-            if in_per_group == out_per_group == 1:
-                out = out + window * tap[0]
-            else:
-                blocks = tap.reshape(in_per_group, groups, out_per_group)
-                window = window.reshape(batch, out_height, out_width, groups, in_per_group)
-                out = out + jnp.einsum("bhwgi,igo->bhwgo", window, blocks).reshape(out.shape)
+            window = _window(x, i * dilation, j * dilation, out_hw, strides).astype(accumulate)
+            blocks = kernel[i, j].astype(accumulate).reshape(in_per_group, groups, out_per_group)
+            window = window.reshape(batch, *out_hw, groups, in_per_group)
+            out = out + jnp.einsum("bhwgi,igo->bhwgo", window, blocks).reshape(out.shape)
     return out.astype(x.dtype)
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+    """An unpadded 1x1 convolution (kernel [1, 1, in, out]) as the matrix product over pixels that it is.
+
+    Why: XLA computes a convolution's weight gradient as another convolution over the batch, for
+    which XLA:CPU writes the input and the output gradient out transposed, recomputing the fusions
+    that produce them: a ResNet stage's GroupNorm backward, in ViT-R50, cost 100-140 ms per such
+    copy at batch 8. A matrix product's weight gradient reads both as they are (`flat_dot_general`).
+    """
+    x = x[:, ::strides, ::strides] if strides > 1 else x
+    return flat_dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
 
 
 class Conv2d(nn.Module):
@@ -119,7 +176,9 @@ class Conv2d(nn.Module):
             kernel = (kernel - mean) * jax.lax.rsqrt(var + self.standardize_eps)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         padding = _resolve_padding(self.padding, k, self.strides, self.dilation)
-        if self.groups > 1 and jax.default_backend() == "cpu":
+        if k == 1 and self.groups == 1 and padding in ("SAME", "VALID", ((0, 0), (0, 0))):
+            y = pointwise_conv(x, kernel, self.strides)
+        elif self.groups > 1 and jax.default_backend() == "cpu":
             y = grouped_conv_by_shifts(x, kernel, self.strides, padding, self.dilation, self.groups)
         else:
             y = jax.lax.conv_general_dilated(

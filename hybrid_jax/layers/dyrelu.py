@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.axes import with_logical_partitioning
+from hybrid_jax.layers.dense import Dense
 
 Dtype = Any
 
@@ -36,7 +37,7 @@ class DynamicReLU(nn.Module):
 
     def coefficients(self, tokens: jax.Array, channels: int) -> jax.Array:
         """Slopes [B, num_pieces, channels] from tokens [B, N, D]."""
-        dense = lambda features, axes, name: nn.Dense(
+        dense = lambda features, axes, name: Dense(
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
             kernel_init=with_logical_partitioning(HYPER_INIT, axes),
             bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))

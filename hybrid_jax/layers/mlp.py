@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from hybrid_jax.layers.act import get_act
 from hybrid_jax.layers.axes import with_logical_partitioning
+from hybrid_jax.layers.dense import Dense
 
 Dtype = Any
 
@@ -29,7 +30,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         out_features = self.out_features or x.shape[-1]
-        dense = lambda features, axes, name: nn.Dense(
+        dense = lambda features, axes, name: Dense(
             features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
             kernel_init=with_logical_partitioning(DENSE_INIT, axes),
             bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
@@ -40,12 +41,12 @@ class Mlp(nn.Module):
         return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 
-def classifier_head(num_classes: int, **kw: Any) -> nn.Dense:
+def classifier_head(num_classes: int, **kw: Any) -> Dense:
     """The final linear classifier, its weight sharded over ("embed", "classes")."""
-    return nn.Dense(num_classes, kernel_init=with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
+    return Dense(num_classes, kernel_init=with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
                     bias_init=with_logical_partitioning(nn.initializers.zeros, ("classes",)), **kw)
 
 
-def classifier(num_classes: int, drop_rate: float, **kw: Any) -> tuple[nn.Dropout, nn.Dense | None]:
+def classifier(num_classes: int, drop_rate: float, **kw: Any) -> tuple[nn.Dropout, Dense | None]:
     """A model's `head_drop` and `head`: dropout on the pooled features, then `classifier_head` (None: no classes)."""
     return nn.Dropout(drop_rate), classifier_head(num_classes, **kw) if num_classes else None

@@ -39,6 +39,7 @@ import numpy as np
 from hybrid_jax.layers.attention import dot_product_attention
 from hybrid_jax.layers.axes import MAP, with_logical_partitioning
 from hybrid_jax.layers.conv import Bottleneck, ConvNormAct, max_pool_3x3
+from hybrid_jax.layers.dense import Dense
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
 from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.mlp import DENSE_INIT, classifier
@@ -101,7 +102,7 @@ class BottleneckAttention(nn.Module):
         if c % self.num_heads:
             raise ValueError(f"{c} channels do not split into {self.num_heads} heads")
         d = c // self.num_heads
-        qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv",
+        qkv = Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv",
                        kernel_init=with_logical_partitioning(DENSE_INIT, ("embed", "heads")),
                        bias_init=with_logical_partitioning(nn.initializers.zeros, ("heads",)))(x)
         # Channels are [q | k | v], each head-major, as timm's 1x1 conv.

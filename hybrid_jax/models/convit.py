@@ -49,6 +49,8 @@ import numpy as np
 
 from hybrid_jax.layers.attention import MultiHeadAttention, dot_product_attention
 from hybrid_jax.layers.axes import TOKENS, with_logical_partitioning
+from hybrid_jax.layers.broadcast import add_shared
+from hybrid_jax.layers.dense import Dense
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
 from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier
@@ -115,7 +117,7 @@ class GPSA(nn.Module):
         """x: [B, h*w, C] patch tokens of an h x w `grid`."""
         batch, length, dim = x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
-        dense = lambda features, axes, name, use_bias, init=DENSE_INIT: nn.Dense(
+        dense = lambda features, axes, name, use_bias, init=DENSE_INIT: Dense(
             features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
             kernel_init=with_logical_partitioning(init, axes),
             bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
@@ -223,7 +225,7 @@ class ConViT(ImageClassifier):
         grid = self.patch_embed(x)
         features = {"patch_embed": grid}
         x = grid_to_tokens(grid)
-        x = x + resample_pos_embed(self.pos_embed, grid.shape[1:3], num_prefix_tokens=0).astype(x.dtype)
+        x = add_shared(x, resample_pos_embed(self.pos_embed, grid.shape[1:3], num_prefix_tokens=0).astype(x.dtype))
         x = self.pos_drop(x, deterministic=not train)
         x, local = run_sequence(self.blocks, x, grid.shape[1:3], train=train, layers=range(self.local_up_to_layer))
         _, outputs = run_sequence(self.blocks, prepend_tokens(x, self.cls_token), grid.shape[1:3], train=train,

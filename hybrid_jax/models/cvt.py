@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from hybrid_jax.layers.attention import dot_product_attention
 from hybrid_jax.layers.axes import TOKENS, with_logical_partitioning
 from hybrid_jax.layers.conv import Conv2d, ConvNormAct
+from hybrid_jax.layers.dense import Dense
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
 from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.mlp import DENSE_INIT, HEAD_INIT, Mlp, classifier
@@ -85,7 +86,7 @@ class ConvAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, n, c = x.shape
         cls, grid = tokens_to_grid(x, size, int(with_cls))
-        dense = lambda axes, name, use_bias: nn.Dense(
+        dense = lambda axes, name, use_bias: Dense(
             c, use_bias=use_bias, name=name, kernel_init=with_logical_partitioning(DENSE_INIT, axes),
             bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]), **kw)
 

@@ -45,7 +45,9 @@ import numpy as np
 
 from hybrid_jax.layers.attention import dot_product_attention
 from hybrid_jax.layers.axes import MAP, with_logical_partitioning
+from hybrid_jax.layers.broadcast import add_shared
 from hybrid_jax.layers.conv import Conv2d
+from hybrid_jax.layers.dense import Dense
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
 from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier
@@ -120,7 +122,7 @@ class CrossCovarianceAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: tokens [B, N, C] -> [B, N, C]."""
         c = x.shape[-1]
-        dense = lambda features, axes, name, use_bias: nn.Dense(
+        dense = lambda features, axes, name, use_bias: Dense(
             features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
             kernel_init=with_logical_partitioning(DENSE_INIT, axes),
             bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
@@ -173,7 +175,7 @@ class SDTAEncoder(nn.Module):
         y = jnp.concatenate(outputs + [groups[-1].astype(y.dtype)], axis=-1)
         if self.use_pos_emb:
             pos = jnp.asarray(fourier_position_encoding(h, w), self.dtype)[None]
-            y = y + Conv2d(c, 1, use_bias=True, name="pos_embd", **kw)(pos)
+            y = add_shared(y, Conv2d(c, 1, use_bias=True, name="pos_embd", **kw)(pos))
         tokens = grid_to_tokens(y)
         attn = CrossCovarianceAttention(self.num_heads, attn_impl=self.attn_impl, name="xca", **kw)(
             layer_norm(LN_EPS, name="norm_xca", **kw)(tokens))

@@ -41,6 +41,7 @@ from hybrid_jax.layers.act import get_act
 from hybrid_jax.layers.attention import dot_product_attention
 from hybrid_jax.layers.axes import MAP, with_logical_partitioning
 from hybrid_jax.layers.conv import ConvNormAct
+from hybrid_jax.layers.dense import Dense
 from hybrid_jax.layers.drop import DropPath
 from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.mlp import DENSE_INIT, HEAD_INIT
@@ -74,7 +75,7 @@ class LinearNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = nn.Dense(self.features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="linear",
+        x = Dense(self.features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="linear",
                      kernel_init=with_logical_partitioning(DENSE_INIT, self.axes))(x)
         return _batch_norm(self.axes[1], train=train, zero_init=self.zero_init, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="bn")(x)
@@ -270,7 +271,7 @@ class NormLinear(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = _batch_norm("embed", train=train, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="linear",
+        return Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="linear",
                         kernel_init=with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
                         bias_init=with_logical_partitioning(nn.initializers.zeros, ("classes",)))(x)
 

@@ -47,6 +47,7 @@ from hybrid_jax.layers.act import get_act
 from hybrid_jax.layers.attention import MultiHeadAttention
 from hybrid_jax.layers.axes import MAP, with_logical_partitioning
 from hybrid_jax.layers.conv import Conv2d, SqueezeExcite
+from hybrid_jax.layers.dense import Dense
 from hybrid_jax.layers.drop import DropPath, drop_path_schedule
 from hybrid_jax.layers.features import FeatureInfo
 from hybrid_jax.layers.mlp import DENSE_INIT, Mlp, classifier
@@ -389,7 +390,7 @@ class MaxxVit(ImageClassifier):
                        for kind, depth, dim, size, rate in stages]
         self.norm = layer_norm(self.attn_norm_eps, **kw)
         if self.head_hidden:
-            self.pre_logits = nn.Dense(self.head_hidden, kernel_init=with_logical_partitioning(DENSE_INIT, (
+            self.pre_logits = Dense(self.head_hidden, kernel_init=with_logical_partitioning(DENSE_INIT, (
                 "embed", "mlp")), bias_init=with_logical_partitioning(nn.initializers.zeros, ("mlp",)), **kw)
         self.head_drop, self.head = classifier(self.num_classes, self.drop_rate, **kw)
 

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 
 from hybrid_jax.fusion import Fusion, get_fusion, get_fusion_class
 from hybrid_jax.layers.axes import with_logical_partitioning
+from hybrid_jax.layers.broadcast import add_shared
 from hybrid_jax.layers.conv import RESIDUAL_BLOCKS, ConvNormAct, ResNetStage, max_pool_3x3
 from hybrid_jax.layers.drop import drop_path_schedule
 from hybrid_jax.layers.features import FeatureInfo
@@ -195,7 +196,7 @@ class ParallelHybrid(BranchClassifier):
         grid = self.patch_embed(stem)
         pos_embed = resample_pos_embed(self.pos_embed, grid.shape[1:3])
         tokens = prepend_tokens(grid_to_tokens(grid), self.cls_token)
-        return self.pos_drop(tokens + pos_embed.astype(grid.dtype), deterministic=not train)
+        return self.pos_drop(add_shared(tokens, pos_embed.astype(grid.dtype)), deterministic=not train)
 
     @property
     def feature_info(self) -> tuple[FeatureInfo, ...]:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from hybrid_jax.layers.attention import MultiHeadAttention
 from hybrid_jax.layers.axes import TOKENS, with_logical_partitioning
+from hybrid_jax.layers.broadcast import add_shared
 from hybrid_jax.layers.conv import ConvNormAct, ResNetStage
 from hybrid_jax.layers.drop import DropPath, LayerScale, drop_path_schedule
 from hybrid_jax.layers.features import FeatureInfo
@@ -145,7 +146,7 @@ class VisionTransformer(ImageClassifier):
         grid = self.patch_embed(features[f"stage{len(self.hybrid_layers)}"] if self.hybrid_stem else x)
         features["patch_embed"] = grid
         pos_embed = resample_pos_embed(self.pos_embed, grid.shape[1:3])
-        x = prepend_tokens(grid_to_tokens(grid), self.cls_token) + pos_embed.astype(grid.dtype)
+        x = add_shared(prepend_tokens(grid_to_tokens(grid), self.cls_token), pos_embed.astype(grid.dtype))
         x = self.pos_drop(x, deterministic=not train)
         _, outputs = run_sequence(self.blocks, x, train=train)
         return features | {f"block{i}": tokens for i, tokens in enumerate(outputs)}

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.layers.axes import with_logical_partitioning
+from hybrid_jax.layers.dense import Dense
 
 Dtype = Any
 
@@ -40,7 +41,7 @@ class ReidModel(nn.Module):
             use_running_average=not train, use_bias=False, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
             param_dtype=self.param_dtype, scale_init=with_logical_partitioning(nn.initializers.ones, ("embed",)),
             name="bnneck")(features)
-        logits = nn.Dense(
+        logits = Dense(
             self.num_classes, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=with_logical_partitioning(nn.initializers.normal(1e-3), ("embed", "classes")),
             name="classifier")(embedding)
