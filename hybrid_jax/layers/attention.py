@@ -47,6 +47,9 @@ ATTENTION_WEIGHTS = "attention_weights"
 _log = logging.getLogger(__name__)
 _logged_paths: set[tuple[str, str]] = set()
 
+_HALF_TO_FLOAT32_PRODUCTS = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                             jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}
+
 # cuDNN flash attention limits (jax.nn.dot_product_attention's own checks).
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 128
@@ -176,7 +179,10 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | No
                   scale: float) -> jax.Array:
     """The XLA backend of `dot_product_attention`, computed heads-major; 4-d bias and mask, any value dim."""
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [batch, heads, tokens, dim]
-    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    # Half-precision inputs, float32 logits: the algorithm keeps the backward's products in the inputs' precision
+    # too (the float32 logits' gradient times a half-precision operand), as jax.nn.dot_product_attention does.
+    algorithm = _HALF_TO_FLOAT32_PRODUCTS.get(jnp.dtype(q.dtype))
+    logits = jnp.einsum("bnth,bnsh->bnts", q, k, precision=algorithm, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = add_shared(logits, bias.astype(jnp.float32))
     if mask is not None:
