@@ -30,8 +30,8 @@ def _add_forward(x, shared):
 
 
 def _add_backward(shared, grad):
-    kept = tuple(axis for axis in range(1, grad.ndim) if shared.shape[axis] == 1 < grad.shape[axis])
-    grad_shared = sum_leading_axis(grad).sum(axis=kept, keepdims=True)
+    broadcast_axes = tuple(axis for axis in range(1, grad.ndim) if shared.shape[axis] == 1 < grad.shape[axis])
+    grad_shared = sum_leading_axis(grad).sum(axis=broadcast_axes, keepdims=True)
     return grad, grad_shared.astype(shared.dtype)
 
 
