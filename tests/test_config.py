@@ -12,6 +12,7 @@ from hybrid_jax.train.config import (
     build_model,
     check_keys,
     default_config,
+    load_config_file,
     model_changes,
     model_config,
     set_model_fields,
@@ -96,3 +97,14 @@ def test_tasks_are_chosen_by_name_and_check_their_own_settings():
         check_config(config)
     config.task = "classification"
     check_config(config)  # the re-ID rule is re-ID's alone
+
+
+def test_a_config_file_is_read_with_its_argument_and_a_missing_one_is_named(tmp_path):
+    path = tmp_path / "two_sizes.py"
+    path.write_text("from hybrid_jax.train.config import default_config\n\n"
+                    "def get_config(arg):\n    c = default_config()\n"
+                    "    c.batch_size = 32 if arg == 'small' else 256\n    return c\n")
+    assert load_config_file(f"{path}:small").batch_size == 32
+    assert load_config_file(path).batch_size == 256
+    with pytest.raises(ConfigError, match="no config file at .*missing.py"):
+        load_config_file(tmp_path / "missing.py")

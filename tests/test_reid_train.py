@@ -1,6 +1,5 @@
 """Re-ID through the one training loop and CLI: training beats the untrained network, resume is exact, configs load."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from hybrid_jax import list_models
 from hybrid_jax.data import pipeline
 from hybrid_jax.metrics import read_metrics
 from hybrid_jax.tasks import check_config
-from hybrid_jax.train.config import ConfigError
+from hybrid_jax.train.config import ConfigError, load_config_file
 from hybrid_jax.train.loop import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +20,7 @@ CONFIG = ROOT / "configs" / "reid_synthetic.py"
 
 
 def _load_config(name: str, arg: str = ""):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(f"{ROOT / 'configs' / name}.py:{arg}")
 
 
 @pytest.fixture(scope="module")

@@ -548,15 +548,10 @@ def test_a_checkpoint_restores_onto_another_mesh(fmnist_dir, tmp_path):
     ("fashion_mnist", ""), ("fashion_mnist", "smoke"), ("fashion_mnist_finetune", ""), ("cifar10", ""),
     ("cifar10", "cifar100"), ("imagenet2012", "vit_base_r50_s16_224")])
 def test_every_config_loads_and_names_a_registered_model(path, arg):
-    import importlib.util
-
     from hybrid_jax.tasks import check_config
-    from hybrid_jax.train.config import build_model, model_changes
+    from hybrid_jax.train.config import build_model, load_config_file, model_changes
 
-    spec = importlib.util.spec_from_file_location(path, ROOT / "configs" / f"{path}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = load_config_file(f"{ROOT / 'configs' / path}.py:{arg}")
     check_config(config)
     name, changes = model_changes(config.model)
     assert type(build_model(config.model, num_classes=10)) is model_info(name).module

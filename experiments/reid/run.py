@@ -15,8 +15,6 @@ Writes runs.csv (one row per run), settings.json (each backbone's config) and re
 shared seeds (Holm-corrected per metric).
 """
 
-import functools
-import importlib.util
 import json
 import statistics
 import sys
@@ -36,18 +34,11 @@ METRICS = {"rank1": "rank-1", "rank5": "rank-5", "mAP": "mAP"}
 FIELDS = ("backbone", "seed", "model", *METRICS, "wall_time_s")
 
 
-@functools.cache
-def _config_module():
-    """configs/reid_synthetic.py, read once."""
-    spec = importlib.util.spec_from_file_location("reid_synthetic", ROOT / "configs" / "reid_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_config(backbone: str, seed: int):
     """configs/reid_synthetic.py with `backbone` and `seed`."""
-    config = _config_module().get_config(backbone)
+    from hybrid_jax.train.config import load_config_file
+
+    config = load_config_file(f"{ROOT / 'configs' / 'reid_synthetic.py'}:{backbone}")
     config.seed = seed
     config.progress_bar = False
     return config

@@ -264,12 +264,14 @@ def _compare_with_torch(model: nn.Module, reference: Any, variables: dict, image
     return len(images) / ours_s, len(images) / theirs_s, max_diff, threads
 
 
-def sgd_train_step(model: nn.Module) -> tuple[optax.GradientTransformation, Callable]:
-    """Forward in train mode, cross-entropy, backward, SGD with momentum: the step PyTorch runs beside ours.
+def compiled_sgd_step(model: nn.Module, variables: dict, images, labels) -> tuple[Callable, list]:
+    """The step PyTorch runs beside ours, compiled for this batch: forward in train mode, cross-entropy,
+    backward, SGD with momentum.
 
     Returns:
-      (tx, step) with step(params, batch_stats, opt_state, images, labels) -> (params, batch_stats,
-      opt_state, loss); models without BatchNorm take and return batch_stats={}.
+      (step, state): `*state[:], loss = step(*state, images, labels)` trains one step in place, the state
+      [params, batch_stats, opt_state] donated to it as PyTorch updates its tensors in place; models
+      without BatchNorm carry batch_stats={}.
     """
     tx = optax.sgd(SGD_LR, momentum=SGD_MOMENTUM)
 
@@ -285,7 +287,8 @@ def sgd_train_step(model: nn.Module) -> tuple[optax.GradientTransformation, Call
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
-    return tx, step
+    state = [variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"])]
+    return jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, images, labels).compile(), state
 
 
 def _compare_train_with_torch(model: nn.Module, reference: Any, variables: dict, images: np.ndarray,
@@ -293,18 +296,13 @@ def _compare_train_with_torch(model: nn.Module, reference: Any, variables: dict,
     """Ours and PyTorch's SGD train step on the host CPU: (our img/s, PyTorch img/s, max |loss difference|).
 
     Both start from the same weights and train on the same batch, step for step, so their losses
-    agree at every step when both compute the same update; our state is donated to each step, as
-    PyTorch updates its tensors in place.
+    agree at every step when both compute the same update.
     """
     import torch
 
     labels = np.random.default_rng(1).integers(0, model.num_classes, len(images)).astype(np.int32)
-    tx, step = sgd_train_step(model)
-    cpu = jax.devices("cpu")[0]
-    params, batch_stats, x, y = jax.device_put(
-        (variables["params"], variables.get("batch_stats", {}), images, labels), cpu)
-    state = [params, batch_stats, tx.init(params)]
-    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, x, y).compile()
+    variables, x, y = jax.device_put((variables, images, labels), jax.devices("cpu")[0])
+    compiled, state = compiled_sgd_step(model, variables, x, y)
     x_torch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     y_torch = torch.from_numpy(labels.astype(np.int64))
     optimizer = torch.optim.SGD(reference.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM)

@@ -17,7 +17,6 @@ command line's process settings apply (`runtime.configure_process`).
 import argparse
 import collections
 import dataclasses
-import importlib.util
 import re
 import tempfile
 import time
@@ -100,13 +99,9 @@ def op_seconds(trace_dir: str | Path, op_names: dict[str, str]) -> collections.C
 
 def load_config(spec: str, assignments: list[str]) -> ml_collections.ConfigDict:
     """A config file's `get_config(arg)` ("configs/fashion_mnist.py:smoke"), with `key=value` assignments."""
-    from hybrid_jax.train.config import parse_value, set_model_fields
+    from hybrid_jax.train.config import load_config_file, parse_value, set_model_fields
 
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("step_profile_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = load_config_file(spec)
     model_fields = {}
     for assignment in assignments:
         key, _, text = assignment.partition("=")
@@ -166,7 +161,7 @@ def profile_step(config: ml_collections.ConfigDict, steps: int = 10, timed: int 
 
 def profile_sgd_step(name: str, batch: int = 8, steps: int = 3, timed: int = 5) -> StepProfile:
     """The same for the plain SGD step that `benchmark --torch --train` runs beside PyTorch's, on one device."""
-    from hybrid_jax.analysis.benchmark import sgd_train_step
+    from hybrid_jax.analysis.benchmark import compiled_sgd_step
     from hybrid_jax.registry import create_model, model_info
 
     model, size = create_model(name), model_info(name).input_size
@@ -174,9 +169,7 @@ def profile_sgd_step(name: str, batch: int = 8, steps: int = 3, timed: int = 5) 
     images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
     labels = rng.integers(0, model.num_classes, batch).astype(np.int32)
     variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, images[:1], train=False)
-    tx, step = sgd_train_step(model)
-    state = [variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"])]
-    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, images, labels).compile()
+    compiled, state = compiled_sgd_step(model, variables, images, labels)
 
     def run_steps(count):
         for _ in range(count):
@@ -207,14 +200,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch of the --model step")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a config key (repeatable); model.FIELD sets a model field")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed round, and steps traced")
+    parser.add_argument("--steps", type=int, help="steps per timed round, and steps traced "
+                        "(default: 10 for --config, 3 for --model)")
     parser.add_argument("--top", type=int, default=20, help="rows per table")
     parser.add_argument("--depth", type=int, default=2, help="module names kept in the module column")
     args = parser.parse_args(argv)
     if args.model:
-        profile = profile_sgd_step(args.model, args.batch, args.steps)
+        profile = profile_sgd_step(args.model, args.batch, args.steps or 3)
     else:
-        profile = profile_step(load_config(args.config, args.set), args.steps)
+        profile = profile_step(load_config(args.config, args.set), args.steps or 10)
     print(report(profile, args.top, args.depth))
 
 

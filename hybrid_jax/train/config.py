@@ -8,7 +8,10 @@ against this list (with close matches suggested) before anything runs.
 import ast
 import dataclasses
 import difflib
+import importlib.util
+import os
 import re
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -253,6 +256,17 @@ def build_model(model: ml_collections.ConfigDict, **run_fields: Any) -> nn.Modul
         return create_model(name, **changes, **run_fields)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config.model ({name}): {error}") from error
+
+
+def load_config_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file named as on the command line: "configs/cifar10.py:cifar100"."""
+    path, _, arg = str(spec).partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"no config file at {path!r}; name one such as configs/fashion_mnist.py")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def parse_value(text: str, kind: type | None) -> Any:
