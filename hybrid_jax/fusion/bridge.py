@@ -36,8 +36,8 @@ def linear(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: D
            name: str | None = None) -> Dense:
     """A Dense layer with Mobile-Former's init and logical axes."""
     return Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=with_logical_partitioning(LINEAR_INIT, axes),
-                    bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+                 kernel_init=with_logical_partitioning(LINEAR_INIT, axes),
+                 bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
 
 def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:

@@ -44,8 +44,8 @@ def zero_dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, d
                name: str) -> Dense:
     """A per-position projection with logical axes, starting at zero."""
     return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=with_logical_partitioning(nn.initializers.zeros, axes),
-                    bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+                 kernel_init=with_logical_partitioning(nn.initializers.zeros, axes),
+                 bias_init=with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
 
 def _axes(to_map: bool) -> tuple[tuple[str, str], tuple[str, str]]:

@@ -44,7 +44,7 @@ class Mlp(nn.Module):
 def classifier_head(num_classes: int, **kw: Any) -> Dense:
     """The final linear classifier, its weight sharded over ("embed", "classes")."""
     return Dense(num_classes, kernel_init=with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
-                    bias_init=with_logical_partitioning(nn.initializers.zeros, ("classes",)), **kw)
+                 bias_init=with_logical_partitioning(nn.initializers.zeros, ("classes",)), **kw)
 
 
 def classifier(num_classes: int, drop_rate: float, **kw: Any) -> tuple[nn.Dropout, Dense | None]:

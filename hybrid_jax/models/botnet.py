@@ -103,8 +103,8 @@ class BottleneckAttention(nn.Module):
             raise ValueError(f"{c} channels do not split into {self.num_heads} heads")
         d = c // self.num_heads
         qkv = Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv",
-                       kernel_init=with_logical_partitioning(DENSE_INIT, ("embed", "heads")),
-                       bias_init=with_logical_partitioning(nn.initializers.zeros, ("heads",)))(x)
+                    kernel_init=with_logical_partitioning(DENSE_INIT, ("embed", "heads")),
+                    bias_init=with_logical_partitioning(nn.initializers.zeros, ("heads",)))(x)
         # Channels are [q | k | v], each head-major, as timm's 1x1 conv.
         q, k, v = (t.reshape(b, h * w, self.num_heads, d) for t in jnp.split(qkv, 3, axis=-1))
         init = with_logical_partitioning(nn.initializers.normal(d ** -0.5), (None, "kv"))

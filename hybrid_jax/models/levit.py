@@ -76,7 +76,7 @@ class LinearNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = Dense(self.features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="linear",
-                     kernel_init=with_logical_partitioning(DENSE_INIT, self.axes))(x)
+                  kernel_init=with_logical_partitioning(DENSE_INIT, self.axes))(x)
         return _batch_norm(self.axes[1], train=train, zero_init=self.zero_init, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="bn")(x)
 
@@ -272,8 +272,8 @@ class NormLinear(nn.Module):
         x = _batch_norm("embed", train=train, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         return Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="linear",
-                        kernel_init=with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
-                        bias_init=with_logical_partitioning(nn.initializers.zeros, ("classes",)))(x)
+                     kernel_init=with_logical_partitioning(HEAD_INIT, ("embed", "classes")),
+                     bias_init=with_logical_partitioning(nn.initializers.zeros, ("classes",)))(x)
 
 
 class Levit(ImageClassifier):
