@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import time
 
 import jax
 import pytest
@@ -143,7 +144,7 @@ def test_accelerator_suite_smoke_trains_in_bf16_with_float32_params(tmp_path, ca
     assert "| ViT-B/16 | test_vit | xla | 2 |" in md and "| ViT-B/16 | test_vit | cudnn | 2 |" in md
     assert "SMOKE RUN" in md and "SMOKE RUN" in capsys.readouterr().out
     assert xla.setup_s > 0 and xla.compile_s > 0 and xla.row_s >= xla.setup_s + xla.compile_s
-    assert xla.jax_version == jax.__version__
+    assert xla.jax_version == jax.__version__ and time.strptime(xla.measured_at, "%Y-%m-%d %H:%M")
 
     # --resume keeps the measured row as it was and runs only the rest: here the cuDNN row, unavailable again.
     earlier = tmp_path / "earlier.json"
@@ -154,6 +155,17 @@ def test_accelerator_suite_smoke_trains_in_bf16_with_float32_params(tmp_path, ca
     assert again["rows"][0] == dataclasses.asdict(xla) and again["rows"][1]["status"] == "unavailable"
     assert "keeping 1 row(s) measured by an earlier run" in again["header"][-1]
     assert "(kept from the earlier table)" in capsys.readouterr().out
+    # --refresh measures the kept row again, and keeps the earlier one where the new one finds no time.
+    accelerator.main(["--smoke", "--models", "test_vit", "--out_dir", str(tmp_path / "fresh"),
+                      "--resume", str(earlier), "--refresh"])
+    fresh = json.loads((tmp_path / "fresh" / "cpu" / "accelerator.json").read_text())
+    assert fresh["rows"][0]["status"] == "ok" and fresh["rows"][0] != dataclasses.asdict(xla)
+    assert "keeping" not in fresh["header"][-1]
+    accelerator.main(["--smoke", "--models", "test_vit", "--out_dir", str(tmp_path / "late"),
+                      "--resume", str(earlier), "--refresh", "--time_budget_s", "1e-9"])
+    late = json.loads((tmp_path / "late" / "cpu" / "accelerator.json").read_text())
+    assert late["rows"][0] == dataclasses.asdict(xla) and "keeping 1 row(s)" in late["header"][-1]
+    assert f"(its earlier measurement, of {xla.measured_at}, kept)" in capsys.readouterr().out
     # A benchmarks folder resumes from this device's table in it, and from nothing where it has none yet.
     accelerator.main(["--smoke", "--models", "test_vit", "--out_dir", str(tmp_path / "again"),
                       "--resume", str(tmp_path)])
@@ -188,6 +200,31 @@ def test_accelerator_suite_time_budget_skips_rows_with_a_note(tmp_path):
     stopped = accelerator._row_in_own_process({**kwargs, "attn_impl": "xla"}, timeout_s=0.01)
     assert stopped.status == "skipped" and "stopped after" in stopped.note
     assert accelerator._device_kind(own_process=True) == "cpu"  # --resume's check, without taking the device here
+
+
+def test_compile_ahead_hands_each_row_its_train_step_through_the_compilation_cache(capsys):
+    """Steps compiled first, two processes at once; each row's own process then loads its step, not compiles it."""
+    logged = []
+    rows = accelerator.run_suite(smoke=True, patterns=["test_vit"], own_processes=True, compile_ahead=2,
+                                 time_budget_s=600, log=logged.append)
+    xla, cudnn = rows
+    assert xla.status == "ok" and xla.step_cached and xla.ahead_compile_s > 0 and xla.train_img_s > 0
+    assert cudnn.status == "unavailable" and cudnn.ahead_compile_s is None  # nothing compiled on a CPU
+    assert logged[0].startswith("compile-ahead phase: 1 of 2 train step(s) compiled, 2 at once")
+    assert "| test_vit | xla | 2 |" in logged[1] and "| yes |" in logged[1]
+    # Without the phase, the row compiles its own step: nothing in the run's fresh cache to load.
+    alone = accelerator.run_suite(smoke=True, patterns=["test_vit"], own_processes=True, time_budget_s=600,
+                                  log=lambda _: None)[0]
+    assert alone.status == "ok" and alone.step_cached is False and alone.ahead_compile_s is None
+    # A phase already over starts no process: its rows compile in their own processes later.
+    plans = accelerator.suite_plan(smoke=True, patterns=["test_vit"])
+    late = accelerator._compile_ahead(plans, 2, until=0.0, cache_dir="unused", clock=lambda: 1.0)
+    assert [r.status for r in late.values()] == ["skipped", "skipped"]
+    with pytest.raises(ValueError, match="compile_ahead needs each row in its own process"):
+        accelerator.run_suite(smoke=True, own_processes=False, compile_ahead=2)
+    with pytest.raises(SystemExit):
+        accelerator.main(["--smoke", "--compile_ahead", "2"])
+    assert "cannot go with --in_process or --smoke" in capsys.readouterr().err
 
 
 def test_benchmark_suite_flag_hands_the_rest_of_the_command_line_to_the_accelerator_suite(monkeypatch):

@@ -4,7 +4,9 @@
 # 1. the accelerator suite's own path on a tiny model, in seconds: a broken path stops here, not after minutes;
 # 2. cuDNN flash attention against a float32 reference, forward and backward (tests/test_attention.py -m gpu);
 # 3. the accelerator suite (SUITE_BUDGET_S, default 420 s), resuming from this device's committed table where there
-#    is one, so that each session measures the rows still missing. Everything lands in $OUT (default /tmp/gpu_session).
+#    is one: the rows it lacks first, then (REFRESH=1, the default) its rows again, each kept where its new
+#    measurement finds no time; the train steps compiled first, COMPILE_AHEAD (default 8) processes at once.
+#    Everything lands in $OUT (default /tmp/gpu_session).
 # ATTENTION_TESTS=0 leaves step 2 out (60 s on an H200).
 set -u
 export PYTHONUNBUFFERED=1
@@ -29,4 +31,5 @@ if [ "${ATTENTION_TESTS:-1}" != 0 ]; then
 fi
 
 python3 -m hybrid_jax.analysis.accelerator --library --time_budget_s "${SUITE_BUDGET_S:-420}" --out_dir "$OUT" \
-  --resume experiments/benchmarks 2>&1 | tee "$OUT/accelerator_log.txt"
+  --resume experiments/benchmarks $([ "${REFRESH:-1}" != 0 ] && echo --refresh) \
+  --compile_ahead "${COMPILE_AHEAD:-8}" 2>&1 | tee "$OUT/accelerator_log.txt"

@@ -1,7 +1,8 @@
 """The accelerator suite (issue 17, item 4): the training step of six models in bf16 on one device.
 
   python -m hybrid_jax.analysis.accelerator [--smoke] [--time_budget_s 450] [--out_dir experiments/benchmarks]
-      [--models 'vit*'] [--batch N] [--peak_tflops T] [--in_process] [--library] [--resume PREVIOUS.json | FOLDER]
+      [--models 'vit*'] [--batch N] [--peak_tflops T] [--in_process] [--library]
+      [--resume PREVIOUS.json | FOLDER [--refresh]] [--compile_ahead N]
 
 (`python -m hybrid_jax.analysis.benchmark --suite accelerator ...` runs the same.) It trains the models
 of `ACCELERATOR_SUITE` (ViT-B/16, Conformer-S, CoAtNet-0, MaxViT-T, Mobile-Former-508M, the 224-px
@@ -11,14 +12,19 @@ device's bf16 peak, peak device memory and where each stands against NVIDIA's Vi
 50% MFU goal (`run_suite`), each row in a process of its own within a time budget; it writes
 OUT_DIR/<device>/accelerator.md and .json. `--resume` keeps the measured rows of an earlier table of the
 same device (a file, or this device's table in a benchmarks folder) and runs only the rest, so short
-device sessions complete the table between them. `--smoke` runs the same path with the registry's tiny
-stand-ins on any device, for tests.
+device sessions complete the table between them; `--refresh` then measures the kept rows again too,
+last, keeping each old one where its new measurement fails or finds no time. `--compile_ahead N`
+compiles the rows' train steps first, N processes at once, into the run's compilation cache, then times
+each row alone, loading its step from there: on a GPU a row's time is mostly compiling, not stepping.
+`--smoke` runs the same path with the registry's tiny stand-ins on any device, for tests.
 experiments/benchmarks/README.md explains the numbers.
 """
 
 import argparse
+import collections
 import dataclasses
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -28,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +87,11 @@ ANCHOR_IMG_S, GOAL_IMG_S, GOAL_MFU = 1460.0, 4700.0, 0.5
 ANCHOR_MFU = ANCHOR_IMG_S * TRAIN_FLOPS_PER_MAC * 17.58e9 / 989e12  # ViT-B/16: 17.58 GMACs; ~15.6%
 ANCHOR_MODEL = "vit_base_patch16_224"
 ROW_PREFIX = "SUITE_ROW "  # marks the line a row's own process answers with
+# The compile-ahead phase ends in time to leave each row this long to be timed from the cache: its process's
+# start, the state's init and the step's lowering and cache load (measured on the project's CPU for
+# Conformer-S: 25 s setup of which ~20 s compile, 7.5 s lowering), and its steps.
+MEASURE_FROM_CACHE_S = 25.0
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -108,6 +120,9 @@ class SuiteRow:
     memory_source: str = ""  # "memory_stats": the row's own process's allocator peak; "planned": XLA's plan
     param_dtypes: str = ""  # of the parameters the compiled step returns
     matmul_dtypes: str = ""  # operand dtypes of the step's dot_general / convolution ops, with counts
+    step_cached: bool | None = None  # the row's process loaded its train step from the compilation cache
+    ahead_compile_s: float | None = None  # the step's compile in the compile-ahead phase, alongside others
+    measured_at: str = ""  # when the row was measured, UTC
 
 
 _OPERANDS = re.compile(r":\s*\(tensor<(?:[0-9?]+x)*(\w+)>, tensor<(?:[0-9?]+x)*(\w+)>\)")
@@ -133,6 +148,14 @@ def _suite_model(name: str, impl: str) -> nn.Module:
     """`name` computing in bfloat16 with float32 parameters, with attention implementation `impl`."""
     return create_model(name, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                         **({} if impl == "-" else {"attn_impl": impl}))
+
+
+@functools.cache
+def _cache_hits() -> collections.Counter:
+    """Persistent compilation cache hits in this process from the first call on (a jax.monitoring listener)."""
+    hits = collections.Counter()
+    jax.monitoring.register_event_listener(lambda event, **_: hits.update([event] if event == CACHE_HIT_EVENT else []))
+    return hits
 
 
 def _time_steps(compiled, state, batch, *, warmup: int, windows: int, per_window: int) -> tuple[float, Any]:
@@ -164,19 +187,24 @@ def _peak_memory(compiled, own_process: bool) -> tuple[float, str]:
     return planned_bytes(compiled) / 2 ** 30, "planned"
 
 
-def _measure_row(row: SuiteRow, *, smoke: bool, peak_tflops: float | None, own_process: bool) -> None:
-    """Fills `row` with its train step's compile time, rate, MFU, peak memory and dtypes."""
+def _measure_row(row: SuiteRow, *, smoke: bool, peak_tflops: float | None, own_process: bool,
+                 compile_only: bool) -> None:
+    """Fills `row` with its train step's compile time, rate, MFU, peak memory and dtypes (only the first
+    and the last, and its setup, with `compile_only`)."""
     start = time.perf_counter()
     model = _suite_model(row.model, row.attn_impl)
     size = model_info(row.model).input_size
     jitted, state, batch = loop_train_step(model, size, row.batch)
     jax.block_until_ready(state)
     row.setup_s = time.perf_counter() - start
-    start = time.perf_counter()
+    start, hits = time.perf_counter(), _cache_hits()[CACHE_HIT_EVENT]
     lowered = jitted.lower(state, batch)
     compiled = lowered.compile()
     row.compile_s = time.perf_counter() - start
+    row.step_cached = _cache_hits()[CACHE_HIT_EVENT] > hits
     row.matmul_dtypes = ", ".join(f"{k} {v}" for k, v in sorted(_matmul_dtypes(lowered.as_text()).items()))
+    if compile_only:
+        return
     # MACs of the same math through XLA's attention (cuDNN's is one opaque call to a MAC counter).
     twin = _suite_model(row.model, "xla" if row.attn_impl == "cudnn" else row.attn_impl)
     variables = jax.eval_shape(lambda s: {"params": s.params, "batch_stats": s.batch_stats}, state)
@@ -195,19 +223,22 @@ def _measure_row(row: SuiteRow, *, smoke: bool, peak_tflops: float | None, own_p
 
 
 def measure_suite_row(label: str, model: str, attn_impl: str, batch: int, *, smoke: bool = False,
-                      peak_tflops: float | None = None, own_process: bool = False) -> SuiteRow:
+                      peak_tflops: float | None = None, own_process: bool = False,
+                      compile_only: bool = False) -> SuiteRow:
     """One row of the suite, measured in this process; an error becomes the row's note, not the suite's end.
 
     Args:
       own_process: this process runs this row alone, so the allocator's peak is the row's peak memory.
+      compile_only: stop once the train step is compiled (the compile-ahead phase: the programs go to
+        the compilation cache that the row's own process then reads).
     """
     row = SuiteRow(label, model, attn_impl, batch, device_kind=jax.devices()[0].device_kind,
-                   jax_version=jax.__version__)
+                   jax_version=jax.__version__, measured_at=time.strftime("%Y-%m-%d %H:%M", time.gmtime()))
     if attn_impl == "cudnn" and jax.default_backend() != "gpu":
         row.status, row.note = "unavailable", f"cuDNN attention needs an NVIDIA GPU; this is {jax.default_backend()}"
         return row
     try:
-        _measure_row(row, smoke=smoke, peak_tflops=peak_tflops, own_process=own_process)
+        _measure_row(row, smoke=smoke, peak_tflops=peak_tflops, own_process=own_process, compile_only=compile_only)
     except Exception as error:  # out of memory, a shape cuDNN refuses: report it, go on
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         refused = row.attn_impl == "cudnn" and re.search(r"cudnn|cuDNN|flash", message)
@@ -226,13 +257,17 @@ def _row_in_own_process(kwargs: dict[str, Any], timeout_s: float, cache_dir: str
     """`measure_suite_row(**kwargs)` in a fresh Python process: its own allocator peak, and killable at the budget.
 
     Args:
-      cache_dir: JAX's persistent compilation cache for the process, shared by the suite's rows: a model's
-        cuDNN row then loads the train state's init program its XLA row compiled (the same program).
+      cache_dir: JAX's persistent compilation cache for the process, shared by the suite's rows (every
+        program, however quick to compile): a model's cuDNN row then loads the train state's init program
+        its XLA row compiled, and a row compiled ahead loads its step. JAX keeps XLA's per-fusion GPU
+        autotuning results there too, so a compile stopped at the budget leaves what it tuned.
     """
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_PACKAGE_ROOT),
                                                                          os.environ.get("PYTHONPATH")]))}
     if cache_dir:
-        environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+        environ.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    if kwargs.get("compile_only"):  # it runs beside other rows' compiles: take device memory as needed
+        environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     stub = lambda status, note: SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"],
                                          status=status, note=note)
     try:
@@ -272,52 +307,104 @@ def _key(row: SuiteRow | dict[str, Any]) -> tuple[str, str, int]:
     return get("model"), get("attn_impl"), get("batch")
 
 
+def _compile_ahead(plans: list[dict[str, Any]], workers: int, until: float, cache_dir: str,
+                   clock: Callable[[], float]) -> dict[tuple[str, str, int], SuiteRow]:
+    """Compiles the train steps of `plans` into `cache_dir`, `workers` processes at once, each stopped at `until`.
+
+    Returns:
+      Each plan's compile-only row, by `_key`: "ok" with its compile seconds, or why not.
+    """
+    def compile_one(kwargs):
+        left = until - clock()
+        if left <= 0:
+            return SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"], status="skipped",
+                            note="not compiled ahead: the compile-ahead phase was over")
+        return _row_in_own_process({**kwargs, "compile_only": True}, left, cache_dir)
+
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:  # threads only wait on their processes
+        return {_key(kwargs): row for kwargs, row in zip(plans, pool.map(compile_one, plans))}
+
+
 def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: int | None = None,
               time_budget_s: float = 450.0, own_processes: bool | None = None, peak_tflops: float | None = None,
-              measured: list[SuiteRow] | None = None, clock: Callable[[], float] = time.monotonic,
-              log: Callable[[str], Any] = print) -> list[SuiteRow]:
+              measured: list[SuiteRow] | None = None, refresh: bool = False, compile_ahead: int = 0,
+              clock: Callable[[], float] = time.monotonic, log: Callable[[str], Any] = print) -> list[SuiteRow]:
     """The accelerator suite's rows (see `suite_plan`), stopping itself within `time_budget_s`.
 
     A row starts only with time left (10 s outside smoke mode); in its own process (the default outside
     smoke mode) it is stopped when the budget ends, and the rows' processes share a compilation cache for
     the run. Rows not run are kept, with a note saying why. A row of `measured` (an earlier table's
     measured rows, `read_measured`) with the same model, attention and batch is kept as it was instead
-    of run again.
+    of run again; with `refresh` it is run again after the rows `measured` lacks, and replaced only by a
+    measurement that succeeds (the code measured may have changed since; the old one is the fallback).
+
+    With `compile_ahead` N > 0 (rows in their own processes only), the rows to run first have their train
+    steps compiled into that cache, N processes at once, until `MEASURE_FROM_CACHE_S` per row `measured`
+    lacks (per row to run, where it lacks none) is left of the budget; then each row is timed alone, as
+    without it, loading its step from the cache (a compile stopped or failed there is done again in the
+    row's own process). No step is timed while others compile.
 
     Returns:
       The rows in the suite's model order, each model's XLA row before its cuDNN row.
     """
     own_processes = not smoke if own_processes is None else own_processes
+    if compile_ahead and not own_processes:
+        raise ValueError("compile_ahead needs each row in its own process: it hands the rows their steps "
+                         "through the compilation cache; leave out --in_process (or --compile_ahead)")
     deadline, min_left = clock() + time_budget_s, 0.0 if smoke else 10.0
     earlier = {_key(r): r for r in measured or []}
-    rows = []
+    plans = [{**kwargs, "peak_tflops": peak_tflops}
+             for kwargs in suite_plan(smoke=smoke, patterns=patterns, batch=batch)]
+    missing = [kwargs for kwargs in plans if _key(kwargs) not in earlier]
+    to_run = missing + ([kwargs for kwargs in plans if _key(kwargs) in earlier] if refresh else [])
+    rows = {}
     with tempfile.TemporaryDirectory(prefix="suite_compilation_cache_") as cache_dir:
-        for kwargs in suite_plan(smoke=smoke, patterns=patterns, batch=batch):
-            kwargs = {**kwargs, "peak_tflops": peak_tflops}
+        ahead = {}
+        if compile_ahead and to_run:
+            started = clock()
+            until = deadline - MEASURE_FROM_CACHE_S * (len(missing) or len(to_run))  # the table's gaps come first
+            ahead = _compile_ahead(to_run, compile_ahead, until, cache_dir, clock)
+            done = [r for r in ahead.values() if r.status == "ok"]
+            log(f"compile-ahead phase: {len(done)} of {len(to_run)} train step(s) compiled, {compile_ahead} at "
+                f"once, in {clock() - started:.0f} s: "
+                + "; ".join(f"{r.model} {r.attn_impl} " + (f"{r.compile_s:.0f} s" if r.status == "ok" else r.status)
+                            for r in ahead.values()))
+        for kwargs in to_run:
             started, left, kept = clock(), deadline - clock(), earlier.get(_key(kwargs))
-            if kept:
-                row = kept
-            elif left <= min_left:
+            if left <= min_left:
                 row = SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"],
                                status="skipped", note=f"not started: the {time_budget_s:g} s time budget was spent")
             else:
                 row = _row_in_own_process(kwargs, left, cache_dir) if own_processes else measure_suite_row(**kwargs)
                 row.row_s = clock() - started
-            log(suite_table([row]).splitlines()[-1] + (" (kept from the earlier table)" if kept else ""))
-            rows.append(row)
+                compiled = ahead.get(_key(kwargs))
+                if compiled and compiled.status == "ok":
+                    row.ahead_compile_s = compiled.compile_s
+            line = suite_table([row]).splitlines()[-1]
+            if kept and row.status != "ok":
+                row, line = kept, f"{line} (its earlier measurement, of {kept.measured_at or 'an earlier run'}, kept)"
+            log(line)
+            rows[_key(kwargs)] = row
+    for key, row in earlier.items():
+        if key not in rows and any(_key(kwargs) == key for kwargs in plans):
+            log(suite_table([row]).splitlines()[-1] + " (kept from the earlier table)")
+            rows[key] = row
     order = [e.smoke_name if smoke else e.name for e in ACCELERATOR_SUITE]
-    return sorted(rows, key=lambda r: (order.index(r.model), r.attn_impl == "cudnn"))
+    return sorted(rows.values(), key=lambda r: (order.index(r.model), r.attn_impl == "cudnn"))
 
 
 _SUITE_COLUMNS: list[tuple[str, Callable[[SuiteRow], str]]] = [
     ("model", lambda r: r.label), ("registry name", lambda r: r.model), ("attn", lambda r: r.attn_impl),
     ("batch", lambda r: str(r.batch)), ("setup s", lambda r: format_cell(r.setup_s, ".1f")),
-    ("compile s", lambda r: format_cell(r.compile_s, ".1f")), ("row s", lambda r: format_cell(r.row_s, ".0f")),
+    ("compile s", lambda r: format_cell(r.compile_s, ".1f")),
+    ("cached", lambda r: "-" if r.step_cached is None else ("yes" if r.step_cached else "no")),
+    ("ahead s", lambda r: format_cell(r.ahead_compile_s, ".1f")), ("row s", lambda r: format_cell(r.row_s, ".0f")),
     ("step ms", lambda r: format_cell(r.step_ms, ".1f")), ("train img/s", lambda r: format_cell(r.train_img_s, ",.0f")),
     ("GMACs/img", lambda r: format_cell(r.gmacs, ".3g")), ("MFU", lambda r: format_cell(r.mfu, ".1%")),
     ("x anchor", lambda r: format_cell(r.vs_anchor, ".2f")), ("x goal", lambda r: format_cell(r.vs_goal, ".2f")),
     ("peak GiB", lambda r: format_cell(r.peak_gib, ".3g")), ("memory", lambda r: r.memory_source or "-"),
     ("params", lambda r: r.param_dtypes or "-"), ("matmuls", lambda r: r.matmul_dtypes or "-"),
+    ("measured (UTC)", lambda r: r.measured_at or "-"),
     ("note", lambda r: (r.status if r.status != "ok" else "") + (f": {r.note}" if r.note else "")),
 ]
 
@@ -325,14 +412,14 @@ _SUITE_COLUMNS: list[tuple[str, Callable[[SuiteRow], str]]] = [
 def suite_table(rows: list[SuiteRow]) -> str:
     """The suite's rows as a markdown table (pipes in notes escaped)."""
     line = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-    text = {"model", "registry name", "attn", "memory", "params", "matmuls", "note"}
+    text = {"model", "registry name", "attn", "cached", "memory", "params", "matmuls", "measured (UTC)", "note"}
     rule = "|" + "".join("---|" if h in text else "---:|" for h, _ in _SUITE_COLUMNS)
     return "\n".join([line(h for h, _ in _SUITE_COLUMNS), rule, *(line(cell(r) for _, cell in _SUITE_COLUMNS)
                                                                    for r in rows)])
 
 
 def suite_header(rows: list[SuiteRow], *, smoke: bool, time_budget_s: float, elapsed_s: float,
-                 peak_tflops: float | None, kept: int = 0) -> list[str]:
+                 peak_tflops: float | None, kept: int = 0, compile_ahead: int = 0) -> list[str]:
     """What the table measured, how, and on what: the lines above it."""
     kind = next((r.device_kind for r in rows if r.device_kind), "") or jax.devices()[0].device_kind
     peak = device_peak_flops(peak_tflops, kind)
@@ -353,8 +440,12 @@ def suite_header(rows: list[SuiteRow], *, smoke: bool, time_budget_s: float, ela
         "'x goal': ViT-B/16 by img/s, the other models by MFU.",
         f"Time budget {time_budget_s:g} s; the suite took {elapsed_s:.0f} s"
         + (f", keeping {kept} row(s) measured by an earlier run (--resume)." if kept else ".")
-        + " Setup s: building the model, its initialised train state and the batch; row s: the whole row, its "
-        "process's start included.",
+        + " Setup s: building the model, its initialised train state and the batch; compile s: lowering and "
+        "compiling the train step in the row's process, or loading it where 'cached' says it came from the run's "
+        "compilation cache; row s: the whole row, its process's start included."
+        + (f" Ahead s: the step's compile in the compile-ahead phase (--compile_ahead {compile_ahead}: up to "
+           f"{compile_ahead} rows' steps compiled at once before any row was timed, so XLA's autotuning timed "
+           "its kernels beside other compiles)." if compile_ahead else ""),
     ]
 
 
@@ -429,21 +520,30 @@ def main(argv: list[str] | None = None) -> None:
                                                       "(default experiments/benchmarks; nothing in smoke mode)")
     parser.add_argument("--library", action="store_true",
                         help="run without the command line's process settings (hybrid_jax/runtime.py)")
+    parser.add_argument("--compile_ahead", type=int, default=0, metavar="N",
+                        help="first compile the rows' train steps, N processes at once, into the run's compilation "
+                        "cache; then time each row alone from it (0: compile each in its row)")
     parser.add_argument("--resume", default="", help="an earlier accelerator.json of this device kind, or the "
                         "benchmarks folder holding this device's: keep its measured rows, run only the others")
+    parser.add_argument("--refresh", action="store_true", help="with --resume: after the rows it lacks, measure "
+                        "its rows again too, each kept where its new measurement does not succeed")
     args = parser.parse_args(argv)
     start = time.monotonic()
     patterns = [p.strip() for p in args.models.split(",")] if args.models else None
     own_processes = not (args.in_process or args.smoke)
+    if args.compile_ahead and not own_processes:
+        parser.error("--compile_ahead hands each row's process its step through the compilation cache: "
+                     "it cannot go with --in_process or --smoke (which run the rows in this process)")
     measured = read_measured(resume_table(args.resume), _device_kind(own_processes)) if args.resume else []
     print(f"accelerator suite{' (smoke)' if args.smoke else ''}: time budget {args.time_budget_s:g} s"
           + (f"; {len(measured)} measured row(s) in {args.resume}" if args.resume else ""), flush=True)
     rows = run_suite(smoke=args.smoke, patterns=patterns, batch=args.batch, time_budget_s=args.time_budget_s,
                      own_processes=own_processes, peak_tflops=args.peak_tflops, measured=measured,
-                     log=lambda text: print(text, flush=True))
-    kept = len({_key(r) for r in measured} & {_key(r) for r in rows})
+                     refresh=args.refresh, compile_ahead=args.compile_ahead, log=lambda text: print(text, flush=True))
+    kept = sum(row in measured for row in rows)
     header = suite_header(rows, smoke=args.smoke, time_budget_s=args.time_budget_s,
-                          elapsed_s=time.monotonic() - start, peak_tflops=args.peak_tflops, kept=kept)
+                          elapsed_s=time.monotonic() - start, peak_tflops=args.peak_tflops, kept=kept,
+                          compile_ahead=args.compile_ahead)
     print("\n" + "\n".join(header) + "\n\n" + suite_table(rows))
     out_dir = args.out_dir or (None if args.smoke else "experiments/benchmarks")
     if out_dir:
