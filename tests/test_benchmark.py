@@ -124,6 +124,9 @@ def test_process_settings_say_which_the_command_line_applies(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", " ".join(benchmark.DEFAULT_FLAGS))
     assert benchmark.process_settings().startswith("command line (hybrid_jax/runtime.py): TCMalloc, XLA CPU")
     monkeypatch.setattr(benchmark, "_tcmalloc_loaded", lambda: False)
+    monkeypatch.setenv("GLIBC_TUNABLES", benchmark.GLIBC_MALLOC_TUNABLES)  # the restart where TCMalloc is missing
+    assert benchmark.process_settings().startswith("command line (hybrid_jax/runtime.py): glibc malloc, tuned, XLA")
+    monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert benchmark.process_settings().startswith("library (jaxlib's and the system's defaults): system malloc")
 

@@ -1,7 +1,8 @@
-"""Process settings of the command-line entry points: XLA flags and the TCMalloc restart."""
+"""Process settings of the command-line entry points: XLA flags and the allocator's restart."""
 
 import ctypes.util
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -44,7 +45,7 @@ def test_default_xla_flags_never_reach_an_accelerator_run(monkeypatch):
     assert "XLA_FLAGS" not in gpu
 
     # What an entry point does on a GPU machine: configure_process leaves XLA_FLAGS as it found it.
-    monkeypatch.setattr(runtime, "restart_with_tcmalloc", lambda: None)
+    monkeypatch.setattr(runtime, "restart_with_fast_malloc", lambda: None)
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     monkeypatch.setenv("XLA_FLAGS", user)
     runtime.configure_process()
@@ -64,14 +65,22 @@ def test_accelerator_plugins_are_found_as_jax_finds_them(tmp_path, monkeypatch):
     assert "TPU_LIBRARY_PATH" in runtime.accelerator_plugins({"TPU_LIBRARY_PATH": "/lib/libtpu.so"})
 
 
-def test_tcmalloc_restart_is_asked_for_once_and_can_be_declined(monkeypatch):
+def test_allocator_restart_is_asked_for_once_and_can_be_declined(monkeypatch):
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: f"lib{name}.so.4")
-    environ = runtime.tcmalloc_environ({"LD_PRELOAD": "libother.so", "PATH": "/bin"})
+    environ = runtime.allocator_environ({"LD_PRELOAD": "libother.so", "PATH": "/bin"})
     assert environ == {"LD_PRELOAD": "libtcmalloc_minimal.so.4 libother.so", "PATH": "/bin"}
-    assert runtime.tcmalloc_environ(environ) is None  # the restarted process goes on
-    assert runtime.tcmalloc_environ({runtime.KEEP_MALLOC_ENV: "1"}) is None
+    assert runtime.allocator_environ(environ) is None  # the restarted process goes on
+    assert runtime.allocator_environ({runtime.KEEP_MALLOC_ENV: "1"}) is None
+    # TCMalloc not installed: glibc's malloc told to keep its memory, once, and never over the user's tunables.
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
-    assert runtime.tcmalloc_environ({}) is None  # not installed: run with the system allocator
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    environ = runtime.allocator_environ({"PATH": "/bin"})
+    assert environ == {"PATH": "/bin", "GLIBC_TUNABLES": runtime.GLIBC_MALLOC_TUNABLES}
+    assert runtime.allocator_environ(environ) is None
+    assert runtime.allocator_environ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}) is None
+    assert runtime.allocator_environ({runtime.KEEP_MALLOC_ENV: "1"}) is None
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))  # not glibc (macOS, musl)
+    assert runtime.allocator_environ({}) is None
 
 
 @pytest.mark.skipif(ctypes.util.find_library(runtime.TCMALLOC) is None,
@@ -91,3 +100,35 @@ def test_entry_point_restarts_itself_with_tcmalloc_loaded(tmp_path):
     out = subprocess.run([sys.executable, str(script), "--flag", "x y"], env=environ, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "True ['--flag', 'x y']"  # loaded, and the arguments survived the restart
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc tunables")
+def test_without_tcmalloc_the_entry_point_restarts_with_glibc_keeping_a_threads_large_blocks(tmp_path):
+    """XLA's pool threads take each step's temporaries as one large block: glibc, tuned, keeps it mapped."""
+    script = tmp_path / "entry.py"
+    script.write_text(textwrap.dedent("""
+        import ctypes.util, os, resource, sys, threading
+        import numpy as np
+        from hybrid_jax.runtime import configure_process
+        ctypes.util.find_library = lambda name: None  # a machine without TCMalloc
+        if __name__ == "__main__":
+            configure_process()
+            faults = []
+            def allocate_twice():
+                for _ in range(2):
+                    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+                    block = np.ones(2 ** 25)  # 256 MiB, written
+                    faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+                    del block
+            thread = threading.Thread(target=allocate_twice)
+            thread.start()
+            thread.join()
+            print(os.environ.get("GLIBC_TUNABLES"), *faults, sys.argv[1:])
+    """))
+    environ = {key: value for key, value in os.environ.items()
+               if key not in ("LD_PRELOAD", "GLIBC_TUNABLES", runtime.KEEP_MALLOC_ENV)}
+    out = subprocess.run([sys.executable, str(script), "--flag"], env=environ, capture_output=True, text=True,
+                         check=True).stdout.split(maxsplit=3)
+    tunables, first, second, argv = out[0], int(out[1]), int(out[2]), out[3].strip()
+    assert (tunables, argv) == (runtime.GLIBC_MALLOC_TUNABLES, "['--flag']")  # restarted once, arguments kept
+    assert first >= 128 and second < 16  # the block's pages were mapped once, then kept (glibc's default: again)

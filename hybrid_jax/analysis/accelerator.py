@@ -88,8 +88,8 @@ ANCHOR_MFU = ANCHOR_IMG_S * TRAIN_FLOPS_PER_MAC * 17.58e9 / 989e12  # ViT-B/16: 
 ANCHOR_MODEL = "vit_base_patch16_224"
 ROW_PREFIX = "SUITE_ROW "  # marks the line a row's own process answers with
 # The compile-ahead phase ends in time to leave each row this long to be timed from the cache: its process's
-# start, the state's init and the step's lowering and cache load (measured on the project's CPU for
-# Conformer-S: 25 s setup of which ~20 s compile, 7.5 s lowering), and its steps.
+# start, the state's init, the step's lowering and cache load, and its steps. On the project's 2-core CPU,
+# Conformer-S's stand-in took 16 s so, and lowering Conformer-S's own step 7.5 s.
 MEASURE_FROM_CACHE_S = 25.0
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]

@@ -62,7 +62,7 @@ import optax
 
 from hybrid_jax.analysis.flops import count_macs
 from hybrid_jax.registry import create_model, list_models, model_info
-from hybrid_jax.runtime import DEFAULT_FLAGS, configure_process
+from hybrid_jax.runtime import DEFAULT_FLAGS, GLIBC_MALLOC_TUNABLES, configure_process
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets); the longest name a device kind contains wins.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -124,12 +124,13 @@ def _tcmalloc_loaded() -> bool:
 
 def process_settings() -> str:
     """Which of the command line's process settings (hybrid_jax/runtime.py) this process has, for a table header."""
-    tcmalloc = _tcmalloc_loaded()
+    malloc = ("TCMalloc" if _tcmalloc_loaded() else
+              "glibc malloc, tuned" if os.environ.get("GLIBC_TUNABLES") == GLIBC_MALLOC_TUNABLES else "system malloc")
     xla_convs = all(flag in os.environ.get("XLA_FLAGS", "") for flag in DEFAULT_FLAGS)
-    kind = ("command line (hybrid_jax/runtime.py)" if tcmalloc and xla_convs else
-            "library (jaxlib's and the system's defaults)" if not (tcmalloc or xla_convs) else "mixed")
-    return (f"{kind}: {'TCMalloc' if tcmalloc else 'system malloc'}, "
-            f"{'XLA' if xla_convs else 'default (YNNPACK)'} CPU convolutions")
+    set_malloc = malloc != "system malloc"
+    kind = ("command line (hybrid_jax/runtime.py)" if set_malloc and xla_convs else
+            "library (jaxlib's and the system's defaults)" if not (set_malloc or xla_convs) else "mixed")
+    return f"{kind}: {malloc}, {'XLA' if xla_convs else 'default (YNNPACK)'} CPU convolutions"
 
 
 def planned_bytes(compiled) -> int:
