@@ -91,9 +91,10 @@ def set_default_xla_flags(environ: dict[str, str] = os.environ) -> None:
 def allocator_environ(environ: dict[str, str] = os.environ) -> dict[str, str] | None:
     """The environment to restart this process with under a faster allocator, or None to go on as is.
 
-    TCMalloc preloaded where installed; else, under glibc, glibc's malloc set to keep the memory it maps
-    (`GLIBC_MALLOC_TUNABLES`). None when either is in place already, when the user set GLIBC_TUNABLES
-    themselves, or when declined with HYBRID_JAX_SYSTEM_MALLOC=1.
+    TCMalloc preloaded where installed; else, for a CPU-only run under glibc, glibc's malloc set to keep
+    the memory it maps (`GLIBC_MALLOC_TUNABLES`: what it fixes is XLA:CPU's, and one arena for every thread
+    is no choice to impose on an accelerator's host). None when either is in place already, when the user
+    set GLIBC_TUNABLES themselves, or when declined with HYBRID_JAX_SYSTEM_MALLOC=1.
     """
     preload = environ.get("LD_PRELOAD", "")
     if environ.get(KEEP_MALLOC_ENV) == "1" or "tcmalloc" in preload:
@@ -101,7 +102,7 @@ def allocator_environ(environ: dict[str, str] = os.environ) -> dict[str, str] | 
     library = ctypes.util.find_library(TCMALLOC)
     if library is not None:
         return {**environ, "LD_PRELOAD": " ".join(filter(None, [library, preload]))}
-    if "GLIBC_TUNABLES" in environ or platform.libc_ver()[0] != "glibc":
+    if "GLIBC_TUNABLES" in environ or platform.libc_ver()[0] != "glibc" or not cpu_only_run(environ):
         return None
     log.info("TCMalloc not found (`apt-get install libtcmalloc-minimal4` makes CPU training faster still); "
              "tuning glibc's malloc instead")

@@ -74,8 +74,10 @@ def test_allocator_restart_is_asked_for_once_and_can_be_declined(monkeypatch):
     # TCMalloc not installed: glibc's malloc told to keep its memory, once, and never over the user's tunables.
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(runtime, "accelerator_plugins", lambda environ=None: [])  # a CPU-only machine
     environ = runtime.allocator_environ({"PATH": "/bin"})
     assert environ == {"PATH": "/bin", "GLIBC_TUNABLES": runtime.GLIBC_MALLOC_TUNABLES}
+    assert runtime.allocator_environ({"JAX_PLATFORMS": "cuda"}) is None  # an accelerator's host keeps glibc's
     assert runtime.allocator_environ(environ) is None
     assert runtime.allocator_environ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}) is None
     assert runtime.allocator_environ({runtime.KEEP_MALLOC_ENV: "1"}) is None
