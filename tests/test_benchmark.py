@@ -206,18 +206,19 @@ def test_accelerator_suite_time_budget_skips_rows_with_a_note(tmp_path):
 
 
 def test_compile_ahead_hands_each_row_its_train_step_through_the_compilation_cache(capsys):
-    """Steps compiled first, two processes at once; each row's own process then loads its step, not compiles it."""
+    """Steps compiled first, in processes of their own; each row's own process then loads its step, not compiles it."""
     logged = []
+    kept = accelerator.SuiteRow("ViT-B/16", "test_vit", "cudnn", 2, measured_at="2026-12-04 15:00")  # --resume's
     rows = accelerator.run_suite(smoke=True, patterns=["test_vit"], own_processes=True, compile_ahead=2,
-                                 time_budget_s=600, log=logged.append)
+                                 time_budget_s=600, measured=[kept], log=logged.append)
     xla, cudnn = rows
     assert xla.status == "ok" and xla.step_cached and xla.ahead_compile_s > 0 and xla.train_img_s > 0
-    assert cudnn.status == "unavailable" and cudnn.ahead_compile_s is None  # nothing compiled on a CPU
-    assert logged[0].startswith("compile-ahead phase: 1 of 2 train step(s) compiled, 2 at once")
+    assert cudnn is kept  # only the row the earlier table lacks was compiled and run
+    assert logged[0].startswith("compile-ahead phase: 1 of 1 train step(s) compiled, 2 at once")
     assert "| test_vit | xla | 2 |" in logged[1] and "| yes |" in logged[1]
     # Without the phase, the row compiles its own step: nothing in the run's fresh cache to load.
     alone = accelerator.run_suite(smoke=True, patterns=["test_vit"], own_processes=True, time_budget_s=600,
-                                  log=lambda _: None)[0]
+                                  measured=[kept], log=lambda _: None)[0]
     assert alone.status == "ok" and alone.step_cached is False and alone.ahead_compile_s is None
     # A phase already over starts no process: its rows compile in their own processes later.
     plans = accelerator.suite_plan(smoke=True, patterns=["test_vit"])
