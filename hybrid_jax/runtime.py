@@ -38,8 +38,9 @@ _YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 DEFAULT_FLAGS = (f"{_YNN_FUSION_FLAG}=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",)
 TCMALLOC = "tcmalloc_minimal"  # Debian: libtcmalloc-minimal4
 KEEP_MALLOC_ENV = "HYBRID_JAX_SYSTEM_MALLOC"  # set to 1 to keep the system allocator as it is
-# glibc's malloc where TCMalloc is missing: one arena, no memory maps, no trimming. Each alone leaves the
-# faults; mallopt() from inside the process cannot set them all (its trim threshold stops at 2 GiB).
+# glibc's malloc where TCMalloc is missing: one arena, no memory maps, no trimming. Without the one arena, or
+# without the no maps, the faults stay (experiments/benchmarks/cpu_2core/README.md); mallopt() from inside
+# the process cannot set all three (its trim threshold stops at 2 GiB).
 GLIBC_MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 
 
