@@ -23,6 +23,12 @@ def test_benchmark_counts_match_the_flop_counter_and_mfu_needs_a_peak():
     (with_peak,) = benchmark.benchmark("test_resnet", batch=4, steps=1, peak_tflops=1.0)
     assert with_peak.attn_impl == "-"  # a CNN has no attention to switch
     assert 0 < with_peak.infer_mfu < 1  # a CPU core does not reach a petaflop-scale peak
+    # Peaks by device kind: the longest table name the kind contains.
+    assert benchmark.device_peak_flops(device_kind="NVIDIA H100 PCIe") == 756e12
+    assert benchmark.device_peak_flops(device_kind="NVIDIA H100 80GB HBM3") == 989e12
+    assert benchmark.device_memory_bandwidth("NVIDIA H200") == 4.8e12
+    assert benchmark.device_memory_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert benchmark.device_memory_bandwidth("cpu") is None
 
 
 def test_benchmark_cli_writes_table_and_json(tmp_path, capsys):
@@ -138,7 +144,9 @@ def test_accelerator_suite_smoke_trains_in_bf16_with_float32_params(tmp_path, ca
     xla, cudnn = (accelerator.SuiteRow(**row) for row in report["rows"])
     assert (xla.label, xla.model, xla.attn_impl, xla.batch, xla.status) == ("ViT-B/16", "test_vit", "xla", 2, "ok")
     assert xla.train_img_s > 0 and xla.gmacs > 0 and xla.peak_gib > 0 and xla.memory_source == "planned"
-    assert xla.mfu is None  # no known peak for a CPU
+    assert xla.mfu is None and xla.memory_floor_ms is None  # no known peak or memory bandwidth for a CPU
+    # XLA's bytes: at least the parameters, their gradients and AdamW's two moments, each read or written once.
+    assert xla.xla_gb * 1e9 > 4 * 4 * measure_registered("test_vit", xla=False).params
     assert xla.param_dtypes == "float32"  # the master weights the compiled step returns
     matmuls = dict(item.split() for item in xla.matmul_dtypes.split(", "))
     assert "f32" not in matmuls and int(matmuls["bf16"]) > 10 * int(matmuls.get("f32xbf16", 0))
@@ -213,6 +221,7 @@ def test_compile_ahead_hands_each_row_its_train_step_through_the_compilation_cac
                                  time_budget_s=600, measured=[kept], log=logged.append)
     xla, cudnn = rows
     assert xla.status == "ok" and xla.step_cached and xla.ahead_compile_s > 0 and xla.train_img_s > 0
+    assert xla.xla_gb > 0  # a step loaded from the cache keeps XLA's cost analysis
     assert cudnn is kept  # only the row the earlier table lacks was compiled and run
     assert logged[0].startswith("compile-ahead phase: 1 of 1 train step(s) compiled, 2 at once")
     assert "| test_vit | xla | 2 |" in logged[1] and "| yes |" in logged[1]

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.analysis.benchmark import (
+    device_memory_bandwidth,
     device_peak_flops,
     format_cell,
     loop_train_step,
@@ -50,7 +51,7 @@ from hybrid_jax.analysis.benchmark import (
     process_settings,
     stepper,
 )
-from hybrid_jax.analysis.flops import count_macs
+from hybrid_jax.analysis.flops import count_macs, xla_cost
 from hybrid_jax.registry import create_model, model_info
 from hybrid_jax.runtime import configure_process
 
@@ -112,6 +113,8 @@ class SuiteRow:
     compile_s: float | None = None  # lowering + compiling the train step
     row_s: float | None = None  # the whole row, its process's start included: what it cost of the time budget
     step_ms: float | None = None
+    xla_gb: float | None = None  # XLA's "bytes accessed" per step: each op's operands and outputs, once per op
+    memory_floor_ms: float | None = None  # xla_gb over the device's memory bandwidth: the step if it only moved bytes
     train_img_s: float | None = None
     mfu: float | None = None  # TRAIN_FLOPS_PER_MAC * MACs * img/s over the device's bf16 peak
     vs_anchor: float | None = None  # ViT-B/16: img/s over 1,460; others: MFU over the anchor's
@@ -212,6 +215,9 @@ def _measure_row(row: SuiteRow, *, smoke: bool, peak_tflops: float | None, own_p
     row.gmacs = count_macs(lambda v, x: twin.apply(v, x, train=False), variables, image) / 1e9
     seconds, state = _time_steps(compiled, state, batch, **(SMOKE_TIMING if smoke else SUITE_TIMING))
     row.step_ms, row.train_img_s = seconds * 1e3, row.batch / seconds
+    row.xla_gb = xla_cost(compiled, "bytes accessed") / 1e9
+    bandwidth = device_memory_bandwidth(row.device_kind)
+    row.memory_floor_ms = row.xla_gb * 1e9 / bandwidth * 1e3 if bandwidth else None
     row.peak_gib, row.memory_source = _peak_memory(compiled, own_process)
     row.param_dtypes = ", ".join(sorted({str(leaf.dtype) for leaf in jax.tree.leaves(state.params)}))
     peak = device_peak_flops(peak_tflops)
@@ -399,7 +405,9 @@ _SUITE_COLUMNS: list[tuple[str, Callable[[SuiteRow], str]]] = [
     ("compile s", lambda r: format_cell(r.compile_s, ".1f")),
     ("cached", lambda r: "-" if r.step_cached is None else ("yes" if r.step_cached else "no")),
     ("ahead s", lambda r: format_cell(r.ahead_compile_s, ".1f")), ("row s", lambda r: format_cell(r.row_s, ".0f")),
-    ("step ms", lambda r: format_cell(r.step_ms, ".1f")), ("train img/s", lambda r: format_cell(r.train_img_s, ",.0f")),
+    ("step ms", lambda r: format_cell(r.step_ms, ".1f")), ("XLA GB", lambda r: format_cell(r.xla_gb, ".3g")),
+    ("HBM floor ms", lambda r: format_cell(r.memory_floor_ms, ".1f")),
+    ("train img/s", lambda r: format_cell(r.train_img_s, ",.0f")),
     ("GMACs/img", lambda r: format_cell(r.gmacs, ".3g")), ("MFU", lambda r: format_cell(r.mfu, ".1%")),
     ("x anchor", lambda r: format_cell(r.vs_anchor, ".2f")), ("x goal", lambda r: format_cell(r.vs_goal, ".2f")),
     ("peak GiB", lambda r: format_cell(r.peak_gib, ".3g")), ("memory", lambda r: r.memory_source or "-"),
@@ -422,19 +430,22 @@ def suite_header(rows: list[SuiteRow], *, smoke: bool, time_budget_s: float, ela
                  peak_tflops: float | None, kept: int = 0, compile_ahead: int = 0) -> list[str]:
     """What the table measured, how, and on what: the lines above it."""
     kind = next((r.device_kind for r in rows if r.device_kind), "") or jax.devices()[0].device_kind
-    peak = device_peak_flops(peak_tflops, kind)
+    peak, bandwidth = device_peak_flops(peak_tflops, kind), device_memory_bandwidth(kind)
     timing = SMOKE_TIMING if smoke else SUITE_TIMING
     versions = sorted({r.jax_version for r in rows if r.jax_version}) or [jax.__version__]
     return [
         f"device: {kind}; bf16 peak for MFU: {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (--peak_tflops)'}; "
+        f"memory bandwidth for the HBM floor: {f'{bandwidth / 1e12:g} TB/s' if bandwidth else 'unknown'}; "
         f"jax {', '.join(versions)}; process settings: {process_settings()}"
         + ("; SMOKE RUN (tiny stand-ins, batch 2): the path, not the numbers" if smoke else ""),
         "Train step: the training loop's own (AdamW, flip augmentation, EMA off), bfloat16 compute with float32 "
         f"parameters, one device; img/s = batch over the median step time of {timing['windows']} window(s) of "
         f"{timing['per_window']} unsynchronised step(s) after {timing['warmup']} warm-up step(s). MFU = 6 x forward "
         "MACs (the model's own count) x img/s / peak. Peak memory: the allocator's peak in the row's own process "
-        "(memory_stats), else XLA's planned bytes (planned). Matmuls: operand dtypes of the step's matrix products "
-        "and convolutions as lowered, with counts (f32xbf16: an f32 gradient times bf16 activations).",
+        "(memory_stats), else XLA's planned bytes (planned). XLA GB: the bytes XLA's cost analysis counts the step "
+        "moving (each op's operands and outputs, once per op); HBM floor ms: those bytes over the device's memory "
+        "bandwidth, the step's time were it bound by memory traffic alone. Matmuls: operand dtypes of the step's "
+        "matrix products and convolutions as lowered, with counts (f32xbf16: an f32 gradient times bf16 activations).",
         f"Anchor: NVIDIA's JAX ViT-B/16 pre-training, {ANCHOR_IMG_S:,.0f} img/s per H100 in bf16 "
         f"({ANCHOR_MFU:.1%} MFU); goal: {GOAL_MFU:.0%} MFU ({GOAL_IMG_S:,.0f} img/s for ViT-B/16). 'x anchor' and "
         "'x goal': ViT-B/16 by img/s, the other models by MFU.",

@@ -60,12 +60,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hybrid_jax.analysis.flops import count_macs
+from hybrid_jax.analysis.flops import count_macs, xla_cost
 from hybrid_jax.registry import create_model, list_models, model_info
 from hybrid_jax.runtime import DEFAULT_FLAGS, GLIBC_MALLOC_TUNABLES, configure_process
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets); the longest name a device kind contains wins.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Memory (HBM) bandwidths, TB/s (vendor data sheets; A100: the 80 GB SXM part), named alike.
+PEAK_HBM_TBPS = {"H100 PCIe": 2.0, "H100": 3.35, "H200": 4.8, "A100": 2.039}
 # The step PyTorch and we both run for --torch --train.
 SGD_LR, SGD_MOMENTUM = 0.01, 0.9
 
@@ -106,13 +108,23 @@ class TorchUnavailable(ValueError):
     """A model that cannot be compared with PyTorch here (no converter, unknown to timm, no torch)."""
 
 
+def _device_entry(table: dict[str, float], device_kind: str | None) -> float | None:
+    """The entry of `table` whose name the device kind contains (the longest such name), or None."""
+    kind = device_kind or jax.devices()[0].device_kind
+    names = sorted((name for name in table if name in kind), key=len, reverse=True)
+    return table[names[0]] if names else None
+
+
 def device_peak_flops(override_tflops: float | None = None, device_kind: str | None = None) -> float | None:
     """The device's peak FLOP/s: the override, or the table entry its kind names, or None."""
-    if override_tflops:
-        return override_tflops * 1e12
-    kind = device_kind or jax.devices()[0].device_kind
-    names = sorted((name for name in PEAK_TFLOPS if name in kind), key=len, reverse=True)
-    return PEAK_TFLOPS[names[0]] * 1e12 if names else None
+    tflops = override_tflops or _device_entry(PEAK_TFLOPS, device_kind)
+    return tflops * 1e12 if tflops else None
+
+
+def device_memory_bandwidth(device_kind: str | None = None) -> float | None:
+    """The device's memory bandwidth in bytes/s, from the table entry its kind names, or None."""
+    tbps = _device_entry(PEAK_HBM_TBPS, device_kind)
+    return tbps * 1e12 if tbps else None
 
 
 def _tcmalloc_loaded() -> bool:
@@ -138,11 +150,6 @@ def planned_bytes(compiled) -> int:
     memory = compiled.memory_analysis()
     return int(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
                - memory.alias_size_in_bytes)
-
-
-def _flops(compiled) -> float:
-    analysis = compiled.cost_analysis()
-    return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
 
 
 def _median_seconds(run, steps: int) -> float:
@@ -394,7 +401,7 @@ def _train_step(model: nn.Module, size: int, batch: int, peak: float | None, ste
     compiled = jitted.lower(state, batch_).compile()
     compile_s = time.perf_counter() - start
     seconds = _median_seconds(stepper(compiled, state, batch_), steps)
-    mfu = _flops(compiled) / seconds / peak if peak else None
+    mfu = xla_cost(compiled) / seconds / peak if peak else None
     return compile_s, batch / seconds, planned_bytes(compiled), mfu
 
 
@@ -433,7 +440,7 @@ def benchmark(name: str, *, batch: int = 32, impls: tuple[str, ...] = ("xla",), 
         params, gmacs, compile_s, seconds, compiled = _inference(model, jnp.asarray(host_images), steps)
         result = Result(name, impl, batch, dtype, params, gmacs, entry.paper and entry.paper.params_m,
                         entry.paper and entry.paper.gmacs, compile_s, batch / seconds, planned_bytes(compiled),
-                        _flops(compiled) / seconds / peak if peak else None)
+                        xla_cost(compiled) / seconds / peak if peak else None)
         result.category = entry.category
         if train:
             result.train_compile_s, result.train_img_s, result.train_bytes, result.train_mfu = _train_step(

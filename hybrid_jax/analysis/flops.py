@@ -80,12 +80,18 @@ def count_macs(fn: Callable, *args: Any) -> int:
     return _jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def xla_flops(fn: Callable, *args: Any) -> float:
-    """XLA's flop count for the compiled `fn(*args)`; args may be ShapeDtypeStructs."""
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+def xla_cost(compiled, key: str = "flops") -> float:
+    """XLA's cost analysis of a compiled program: its "flops", or its "bytes accessed" (each op's operands
+    and outputs, counted once per op: the memory traffic of a device that caches nothing between ops)."""
+    analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per device program
         analysis = analysis[0]
-    return float(analysis["flops"])
+    return float(analysis[key])
+
+
+def xla_flops(fn: Callable, *args: Any) -> float:
+    """XLA's flop count for the compiled `fn(*args)`; args may be ShapeDtypeStructs."""
+    return xla_cost(jax.jit(fn).lower(*args).compile())
 
 
 def measure(model: nn.Module, input_size: int, channels: int = 3, *, xla: bool = True) -> Complexity:
