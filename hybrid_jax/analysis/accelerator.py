@@ -154,11 +154,12 @@ def _suite_model(name: str, impl: str) -> nn.Module:
 
 
 @functools.cache
-def _cache_hits() -> collections.Counter:
-    """Persistent compilation cache hits in this process from the first call on (a jax.monitoring listener)."""
-    hits = collections.Counter()
-    jax.monitoring.register_event_listener(lambda event, **_: hits.update([event] if event == CACHE_HIT_EVENT else []))
-    return hits
+def _monitoring_events() -> collections.Counter:
+    """jax.monitoring's events in this process from the first call on, counted: `[CACHE_HIT_EVENT]` is the
+    persistent compilation cache's hits."""
+    events = collections.Counter()
+    jax.monitoring.register_event_listener(lambda event, **_: events.update([event]))
+    return events
 
 
 def _time_steps(compiled, state, batch, *, warmup: int, windows: int, per_window: int) -> tuple[float, Any]:
@@ -200,11 +201,11 @@ def _measure_row(row: SuiteRow, *, smoke: bool, peak_tflops: float | None, own_p
     jitted, state, batch = loop_train_step(model, size, row.batch)
     jax.block_until_ready(state)
     row.setup_s = time.perf_counter() - start
-    start, hits = time.perf_counter(), _cache_hits()[CACHE_HIT_EVENT]
+    start, hits = time.perf_counter(), _monitoring_events()[CACHE_HIT_EVENT]
     lowered = jitted.lower(state, batch)
     compiled = lowered.compile()
     row.compile_s = time.perf_counter() - start
-    row.step_cached = _cache_hits()[CACHE_HIT_EVENT] > hits
+    row.step_cached = _monitoring_events()[CACHE_HIT_EVENT] > hits
     row.matmul_dtypes = ", ".join(f"{k} {v}" for k, v in sorted(_matmul_dtypes(lowered.as_text()).items()))
     if compile_only:
         return
@@ -253,6 +254,11 @@ def measure_suite_row(label: str, model: str, attn_impl: str, batch: int, *, smo
     return row
 
 
+def _unmeasured(kwargs: dict[str, Any], status: str, note: str) -> SuiteRow:
+    """The row a plan (`measure_suite_row`'s keyword arguments) gets when nothing was measured, saying why."""
+    return SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"], status=status, note=note)
+
+
 # What a row's own process runs: the row's arguments come as JSON in argv[1], the row goes back on stdout.
 _ROW_PROCESS = ("import dataclasses, json, sys; from hybrid_jax.analysis import accelerator as a; "
                 "row = a.measure_suite_row(**json.loads(sys.argv[1]), own_process=True); "
@@ -274,18 +280,16 @@ def _row_in_own_process(kwargs: dict[str, Any], timeout_s: float, cache_dir: str
         environ.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if kwargs.get("compile_only"):  # it runs beside other rows' compiles: take device memory as needed
         environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    stub = lambda status, note: SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"],
-                                         status=status, note=note)
     try:
         done = subprocess.run([sys.executable, "-c", _ROW_PROCESS, json.dumps(kwargs)], capture_output=True,
                               text=True, timeout=timeout_s, env=environ, check=False)
     except subprocess.TimeoutExpired:
-        return stub("skipped", f"stopped after {timeout_s:.0f} s, at the end of the time budget")
+        return _unmeasured(kwargs, "skipped", f"stopped after {timeout_s:.0f} s, at the end of the time budget")
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(ROW_PREFIX):
             return SuiteRow(**json.loads(line[len(ROW_PREFIX):]))
     last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return stub("failed", f"its process exited with {done.returncode}: {last[:300]}")
+    return _unmeasured(kwargs, "failed", f"its process exited with {done.returncode}: {last[:300]}")
 
 
 def suite_plan(*, smoke: bool = False, patterns: list[str] | None = None,
@@ -323,8 +327,7 @@ def _compile_ahead(plans: list[dict[str, Any]], workers: int, until: float, cach
     def compile_one(kwargs):
         left = until - clock()
         if left <= 0:
-            return SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"], status="skipped",
-                            note="not compiled ahead: the compile-ahead phase was over")
+            return _unmeasured(kwargs, "skipped", "not compiled ahead: the compile-ahead phase was over")
         return _row_in_own_process({**kwargs, "compile_only": True}, left, cache_dir)
 
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:  # threads only wait on their processes
@@ -378,8 +381,7 @@ def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: 
         for kwargs in to_run:
             started, left, kept = clock(), deadline - clock(), earlier.get(_key(kwargs))
             if left <= min_left:
-                row = SuiteRow(kwargs["label"], kwargs["model"], kwargs["attn_impl"], kwargs["batch"],
-                               status="skipped", note=f"not started: the {time_budget_s:g} s time budget was spent")
+                row = _unmeasured(kwargs, "skipped", f"not started: the {time_budget_s:g} s time budget was spent")
             else:
                 row = _row_in_own_process(kwargs, left, cache_dir) if own_processes else measure_suite_row(**kwargs)
                 row.row_s = clock() - started
@@ -391,10 +393,9 @@ def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: 
                 row, line = kept, f"{line} (its earlier measurement, of {kept.measured_at or 'an earlier run'}, kept)"
             log(line)
             rows[_key(kwargs)] = row
-    for key, row in earlier.items():
-        if key not in rows and any(_key(kwargs) == key for kwargs in plans):
-            log(suite_table([row]).splitlines()[-1] + " (kept from the earlier table)")
-            rows[key] = row
+    for key in [_key(kwargs) for kwargs in plans if _key(kwargs) not in rows]:  # in the earlier table, not run
+        log(suite_table([earlier[key]]).splitlines()[-1] + " (kept from the earlier table)")
+        rows[key] = earlier[key]
     order = [e.smoke_name if smoke else e.name for e in ACCELERATOR_SUITE]
     return sorted(rows.values(), key=lambda r: (order.index(r.model), r.attn_impl == "cudnn"))
 
