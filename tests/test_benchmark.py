@@ -276,6 +276,63 @@ def test_step_profile_of_a_models_sgd_step_from_the_command_line(capsys):
         step_profile.main(["--model", "test_resnet", "--config", "configs/fashion_mnist.py"])
 
 
+_STEP_HLO = """HloModule jit_train_step, entry_computation_layout={()->f32[]}
+
+ENTRY %main.9 () -> f32[] {
+  %fusion.6 = f32[8]{0} fusion(), kind=kLoop, metadata={op_name="jit(train_step)/jvp(M)/blocks_1/attn/add"}
+  ROOT %custom-call.2 = f32[] custom-call(), metadata={op_name="jit(train_step)/transpose(jvp(M))/head/dot"}
+}
+"""
+
+
+def _event(name: str, duration_us: int, stats: dict[str, str]) -> str:
+    """An xplane event in text proto, with string stats."""
+    entries = " ".join(f'stats {{ metadata_id: {_STAT_IDS[key]} str_value: "{value}" }}'
+                       for key, value in stats.items())
+    return f'events {{ metadata_id: {_EVENT_IDS[name]} duration_ps: {duration_us * 10**6} {entries} }}'
+
+
+_STAT_IDS = {"hlo_op": 1, "hlo_module": 2, "kernel_annotation": 3}
+_EVENT_IDS = {"fusion.6": 1, "custom-call.2": 2, "loop_add_fusion": 3, "sm90_xmma_gemm_bf16": 4, "dot.1": 5}
+
+
+def _trace(tmp_path, planes: dict[str, list[str]]):
+    """A trace directory holding one xplane with these planes of events (one line each)."""
+    from jax.profiler import ProfileData
+
+    metadata = "".join(f'event_metadata {{ key: {i} value {{ id: {i} name: "{name}" }} }} '
+                       for name, i in _EVENT_IDS.items())
+    metadata += "".join(f'stat_metadata {{ key: {i} value {{ id: {i} name: "{name}" }} }} '
+                        for name, i in _STAT_IDS.items())
+    text = "".join(f'planes {{ name: "{plane}" lines {{ name: "ops" {" ".join(events)} }} {metadata} }} '
+                   for plane, events in planes.items())
+    tmp_path.mkdir()
+    (tmp_path / "host.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
+    return tmp_path
+
+
+def test_step_profile_reads_a_cpu_trace_by_its_events_stats_and_a_gpu_trace_by_its_kernels_annotations(tmp_path):
+    """XLA:CPU names each event's op and module in its stats; a GPU's kernels have their own names and carry
+    the op in an annotation, and the host's launch events of them do not count beside the device's time."""
+    attn, head = ("fusion.6", "jit(train_step)/jvp(M)/blocks_1/attn/add"), \
+        ("custom-call.2", "jit(train_step)/transpose(jvp(M))/head/dot")
+    cpu = _trace(tmp_path / "cpu", {"/host:CPU": [
+        _event("fusion.6", 30, {"hlo_op": "fusion.6", "hlo_module": "jit_train_step"}),
+        _event("fusion.6", 10, {"hlo_op": "fusion.6", "hlo_module": "jit_train_step"}),
+        _event("fusion.6", 500, {"hlo_op": "fusion.6", "hlo_module": "jit_init"}),  # another program's op
+        _event("dot.1", 7, {"hlo_op": "custom-call.2", "hlo_module": "jit_train_step"})]})
+    assert step_profile.op_seconds(cpu, _STEP_HLO) == pytest.approx({attn: 40e-6, head: 7e-6})
+
+    step, init = "XlaModule:#hlo_module=jit_train_step,program_id=4#", "XlaModule:#hlo_module=jit_init#"
+    gpu = _trace(tmp_path / "gpu", {
+        "/host:CPU": [_event("fusion.6", 3, {"hlo_op": "fusion.6", "hlo_module": "jit_train_step"})],
+        "/device:GPU:0": [
+            _event("loop_add_fusion", 20, {"kernel_annotation": f"{step}::Thunk:#name=blocks_1/attn,hlo_op=fusion.6#"}),
+            _event("sm90_xmma_gemm_bf16", 50, {"kernel_annotation": f"{step}::Thunk:#hlo_op=custom-call.2#"}),
+            _event("sm90_xmma_gemm_bf16", 900, {"kernel_annotation": f"{init}::Thunk:#hlo_op=custom-call.2#"})]})
+    assert step_profile.op_seconds(gpu, _STEP_HLO) == pytest.approx({attn: 20e-6, head: 50e-6})
+
+
 def test_module_path_keeps_the_module_scopes_of_an_ops_metadata():
     name = "jit(train_step)/jvp(ParallelHybrid.branch_logits)/ParallelHybrid.forward_features/blocks_1/attn/vmap()/max"
     assert step_profile.module_path(name, 2) == "blocks_1/attn"

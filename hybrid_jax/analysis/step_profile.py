@@ -6,7 +6,8 @@
 Builds the run the command line would from the same config (`--set learning_rate=6e-3`,
 `--set model.embed_dim=64`: values parsed as the command line parses a model field), compiles its
 train step, times it on a random batch, traces `--steps` more with jax.profiler and sums each XLA
-op's time in the trace. `--model` profiles instead the plain SGD step that `benchmark --torch --train`
+op's time in the trace (on a GPU, the time of the kernels each op launched, found through the op their
+annotation names). `--model` profiles instead the plain SGD step that `benchmark --torch --train`
 races against PyTorch's, for a registered model at its default input size.
 Each op is attributed to the module its HLO metadata names (`blocks_1/attn`), forward or backward.
 Op time is per device (a mesh of N runs the program N times); it can exceed the step where ops
@@ -31,6 +32,9 @@ from hybrid_jax.runtime import configure_process
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_MODULE = re.compile(r"HloModule ([^\s,]+)")
+_ANNOTATED_OP = re.compile(r"[#,]hlo_op=([^,#]+)")
+_ANNOTATED_MODULE = re.compile(r"[#,]hlo_module=([^,#]+)")
 
 
 @dataclasses.dataclass
@@ -83,18 +87,41 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     return names
 
 
-def op_seconds(trace_dir: str | Path, op_names: dict[str, str]) -> collections.Counter:
-    """Total seconds of each traced event named like an instruction in `op_names`, keyed (name, op_name)."""
+def traced_op(event) -> tuple[str, str | None]:
+    """The HLO instruction a profiler event ran, and its module where the trace says: from the `hlo_op` and
+    `hlo_module` stats of XLA:CPU's events, or from the annotation a GPU kernel carries
+    ("XlaModule:#hlo_module=jit_step#::Thunk:#name=blocks_1/attn,hlo_op=fusion.6#", the innermost op);
+    else the event's own name."""
+    op, module = event.name, None
+    for key, value in event.stats:
+        if key == "hlo_op":
+            op = value
+        elif key == "hlo_module":
+            module = value
+        elif isinstance(value, str) and "hlo_op=" in value:
+            op = _ANNOTATED_OP.findall(value)[-1]
+            module = (_ANNOTATED_MODULE.findall(value) or [module])[-1]
+    return op, module
+
+
+def op_seconds(trace_dir: str | Path, hlo_text: str) -> collections.Counter:
+    """Total seconds of each traced event that ran an instruction of the compiled module `hlo_text`, keyed
+    (name, op_name metadata). Where an accelerator's plane ("/device:GPU:0") has such events, only its
+    events count: the kernels' time on the device, not the host's launches of them."""
     from jax.profiler import ProfileData
 
-    totals = collections.Counter()
+    op_names, module = hlo_op_names(hlo_text), _MODULE.search(hlo_text)
+    module = module.group(1) if module else None
+    host, device = collections.Counter(), collections.Counter()
     for path in Path(trace_dir).rglob("*.xplane.pb"):
         for plane in ProfileData.from_file(str(path)).planes:
+            totals = device if plane.name.startswith("/device:") else host
             for line in plane.lines:
                 for event in line.events:
-                    if event.name in op_names:
-                        totals[(event.name, op_names[event.name])] += event.duration_ns * 1e-9
-    return totals
+                    op, event_module = traced_op(event)
+                    if op in op_names and event_module in (None, module):
+                        totals[(op, op_names[op])] += event.duration_ns * 1e-9
+    return device or host
 
 
 def load_config(spec: str, assignments: list[str]) -> ml_collections.ConfigDict:
@@ -131,7 +158,7 @@ def _time_and_trace(run_steps: Callable[[int], None], compiled, steps: int, time
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             run_steps(steps)
-        totals = op_seconds(trace_dir, hlo_op_names(compiled.as_text()))
+        totals = op_seconds(trace_dir, compiled.as_text())
     return best, {key: seconds / steps for key, seconds in totals.items()}
 
 
