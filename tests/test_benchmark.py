@@ -192,6 +192,30 @@ def test_accelerator_suite_smoke_trains_in_bf16_with_float32_params(tmp_path, ca
         accelerator.main(["--smoke", "--resume", str(earlier)])
 
 
+def test_a_suite_stopped_from_outside_leaves_the_rows_it_measured_for_resume(tmp_path, monkeypatch):
+    """A device session's run is killed at its time limit: the table on disk holds every row finished by then."""
+    measure = accelerator.measure_suite_row
+
+    def stopped_at_the_cudnn_row(*args, **kwargs):
+        if kwargs["attn_impl"] == "cudnn":
+            raise KeyboardInterrupt  # the run ends here, before the suite writes its final table
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(accelerator, "measure_suite_row", stopped_at_the_cudnn_row)
+    with pytest.raises(KeyboardInterrupt):
+        accelerator.main(["--smoke", "--models", "test_vit", "--out_dir", str(tmp_path)])
+    partial = json.loads((tmp_path / "cpu" / "accelerator.json").read_text())
+    assert [(row["attn_impl"], row["status"]) for row in partial["rows"]] == [("xla", "ok")]
+    assert "PARTIAL TABLE" in partial["header"][-1]
+    assert "PARTIAL TABLE" in (tmp_path / "cpu" / "accelerator.md").read_text()
+
+    monkeypatch.setattr(accelerator, "measure_suite_row", measure)
+    accelerator.main(["--smoke", "--models", "test_vit", "--out_dir", str(tmp_path), "--resume", str(tmp_path)])
+    done = json.loads((tmp_path / "cpu" / "accelerator.json").read_text())
+    assert done["rows"][0] == partial["rows"][0] and done["rows"][1]["status"] == "unavailable"
+    assert "PARTIAL" not in done["header"][-1] and "keeping 1 row(s)" in done["header"][-1]
+
+
 def test_accelerator_suite_time_budget_skips_rows_with_a_note(tmp_path):
     plan = accelerator.suite_plan()
     assert [(r["model"], r["attn_impl"]) for r in plan[:3]] == [

@@ -3,9 +3,11 @@
 #   device run, carry [".whl"], timeout_s 560:  bash experiments/benchmarks/gpu_session.sh
 # 1. the accelerator suite's own path on a tiny model, in seconds: a broken path stops here, not after minutes;
 # 2. cuDNN flash attention against a float32 reference, forward and backward (tests/test_attention.py -m gpu);
-# 3. the accelerator suite (SUITE_BUDGET_S, default 420 s), resuming from this device's committed table where there
-#    is one: the rows it lacks first, then (REFRESH=1, the default) its rows again, each kept where its new
-#    measurement finds no time; the train steps compiled first, COMPILE_AHEAD (default 8) processes at once.
+# 3. the accelerator suite, resuming from this device's committed table where there is one: the rows it lacks
+#    first, then (REFRESH=1, the default) its rows again, each kept where its new measurement finds no time; the
+#    train steps compiled first, COMPILE_AHEAD (default 8) processes at once. Its time budget is what steps 1-2
+#    left of SESSION_S (default 540 s, inside the run's 560), at most 450 s; SUITE_BUDGET_S sets it instead. Its
+#    table is rewritten after each row, so a run stopped at the limit keeps what it measured.
 #    Everything lands in $OUT (default /tmp/gpu_session).
 # ATTENTION_TESTS=0 leaves step 2 out (60 s on an H200).
 set -u
@@ -30,6 +32,9 @@ if [ "${ATTENTION_TESTS:-1}" != 0 ]; then
     | tee "$OUT/attention_tests.txt" | tail -n 12
 fi
 
-python3 -m hybrid_jax.analysis.accelerator --library --time_budget_s "${SUITE_BUDGET_S:-420}" --out_dir "$OUT" \
+left=$(( ${SESSION_S:-540} - SECONDS - 15 ))  # 15 s: the suite's start (the device kind) and its last table
+budget=${SUITE_BUDGET_S:-$(( left < 450 ? left : 450 ))}
+echo "accelerator suite: $SECONDS s into the session, time budget $budget s"
+python3 -m hybrid_jax.analysis.accelerator --library --time_budget_s "$budget" --out_dir "$OUT" \
   --resume experiments/benchmarks $([ "${REFRESH:-1}" != 0 ] && echo --refresh) \
   --compile_ahead "${COMPILE_AHEAD:-8}" 2>&1 | tee "$OUT/accelerator_log.txt"

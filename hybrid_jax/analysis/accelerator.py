@@ -337,7 +337,8 @@ def _compile_ahead(plans: list[dict[str, Any]], workers: int, until: float, cach
 def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: int | None = None,
               time_budget_s: float = 450.0, own_processes: bool | None = None, peak_tflops: float | None = None,
               measured: list[SuiteRow] | None = None, refresh: bool = False, compile_ahead: int = 0,
-              clock: Callable[[], float] = time.monotonic, log: Callable[[str], Any] = print) -> list[SuiteRow]:
+              clock: Callable[[], float] = time.monotonic, log: Callable[[str], Any] = print,
+              progress: Callable[[list[SuiteRow]], Any] | None = None) -> list[SuiteRow]:
     """The accelerator suite's rows (see `suite_plan`), stopping itself within `time_budget_s`.
 
     A row starts only with time left (10 s outside smoke mode); in its own process (the default outside
@@ -353,6 +354,9 @@ def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: 
     without it, loading its step from the cache (a compile stopped or failed there is done again in the
     row's own process). No step is timed while others compile.
 
+    `progress`, if given, gets the table as it stands after each row: the rows run so far, and the
+    earlier table's rows not (yet) run again.
+
     Returns:
       The rows in the suite's model order, each model's XLA row before its cuDNN row.
     """
@@ -361,9 +365,12 @@ def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: 
         raise ValueError("compile_ahead needs each row in its own process: it hands the rows their steps "
                          "through the compilation cache; leave out --in_process (or --compile_ahead)")
     deadline, min_left = clock() + time_budget_s, 0.0 if smoke else 10.0
-    earlier = {_key(r): r for r in measured or []}
     plans = [{**kwargs, "peak_tflops": peak_tflops}
              for kwargs in suite_plan(smoke=smoke, patterns=patterns, batch=batch)]
+    planned = {_key(kwargs) for kwargs in plans}
+    earlier = {_key(r): r for r in measured or [] if _key(r) in planned}
+    order = [e.smoke_name if smoke else e.name for e in ACCELERATOR_SUITE]
+    in_table_order = lambda rows: sorted(rows, key=lambda r: (order.index(r.model), r.attn_impl == "cudnn"))
     missing = [kwargs for kwargs in plans if _key(kwargs) not in earlier]
     to_run = missing + ([kwargs for kwargs in plans if _key(kwargs) in earlier] if refresh else [])
     rows = {}
@@ -393,11 +400,12 @@ def run_suite(*, smoke: bool = False, patterns: list[str] | None = None, batch: 
                 row, line = kept, f"{line} (its earlier measurement, of {kept.measured_at or 'an earlier run'}, kept)"
             log(line)
             rows[_key(kwargs)] = row
-    for key in [_key(kwargs) for kwargs in plans if _key(kwargs) not in rows]:  # in the earlier table, not run
+            if progress:
+                progress(in_table_order({**earlier, **rows}.values()))
+    for key in [key for key in earlier if key not in rows]:  # in the earlier table, not run
         log(suite_table([earlier[key]]).splitlines()[-1] + " (kept from the earlier table)")
         rows[key] = earlier[key]
-    order = [e.smoke_name if smoke else e.name for e in ACCELERATOR_SUITE]
-    return sorted(rows.values(), key=lambda r: (order.index(r.model), r.attn_impl == "cudnn"))
+    return in_table_order(rows.values())
 
 
 _SUITE_COLUMNS: list[tuple[str, Callable[[SuiteRow], str]]] = [
@@ -428,8 +436,10 @@ def suite_table(rows: list[SuiteRow]) -> str:
 
 
 def suite_header(rows: list[SuiteRow], *, smoke: bool, time_budget_s: float, elapsed_s: float,
-                 peak_tflops: float | None, kept: int = 0, compile_ahead: int = 0) -> list[str]:
-    """What the table measured, how, and on what: the lines above it."""
+                 peak_tflops: float | None, kept: int = 0, compile_ahead: int = 0,
+                 partial: bool = False) -> list[str]:
+    """What the table measured, how, and on what: the lines above it (`partial`: for the table written
+    after each row, which the final one replaces)."""
     kind = next((r.device_kind for r in rows if r.device_kind), "") or jax.devices()[0].device_kind
     peak, bandwidth = device_peak_flops(peak_tflops, kind), device_memory_bandwidth(kind)
     timing = SMOKE_TIMING if smoke else SUITE_TIMING
@@ -450,7 +460,9 @@ def suite_header(rows: list[SuiteRow], *, smoke: bool, time_budget_s: float, ela
         f"Anchor: NVIDIA's JAX ViT-B/16 pre-training, {ANCHOR_IMG_S:,.0f} img/s per H100 in bf16 "
         f"({ANCHOR_MFU:.1%} MFU); goal: {GOAL_MFU:.0%} MFU ({GOAL_IMG_S:,.0f} img/s for ViT-B/16). 'x anchor' and "
         "'x goal': ViT-B/16 by img/s, the other models by MFU.",
-        f"Time budget {time_budget_s:g} s; the suite took {elapsed_s:.0f} s"
+        (f"PARTIAL TABLE, written {elapsed_s:.0f} s into a {time_budget_s:g} s time budget: the run ended before "
+         "its last row, and the rows it had not reached are missing" if partial else
+         f"Time budget {time_budget_s:g} s; the suite took {elapsed_s:.0f} s")
         + (f", keeping {kept} row(s) measured by an earlier run (--resume)." if kept else ".")
         + " Setup s: building the model, its initialised train state and the batch; compile s: lowering and "
         "compiling the train step in the row's process, or loading it where 'cached' says it came from the run's "
@@ -549,17 +561,24 @@ def main(argv: list[str] | None = None) -> None:
     measured = read_measured(resume_table(args.resume), _device_kind(own_processes)) if args.resume else []
     print(f"accelerator suite{' (smoke)' if args.smoke else ''}: time budget {args.time_budget_s:g} s"
           + (f"; {len(measured)} measured row(s) in {args.resume}" if args.resume else ""), flush=True)
+    out_dir = args.out_dir or (None if args.smoke else "experiments/benchmarks")
+    header = lambda rows, partial=False: suite_header(
+        rows, smoke=args.smoke, time_budget_s=args.time_budget_s, elapsed_s=time.monotonic() - start,
+        peak_tflops=args.peak_tflops, kept=sum(row in measured for row in rows), compile_ahead=args.compile_ahead,
+        partial=partial)
+
+    def save_partial(rows: list[SuiteRow]) -> None:
+        """The table so far, so that a run stopped from outside keeps its rows (--resume reads them)."""
+        if any(row.device_kind for row in rows):  # the device is never asked here: the rows' processes hold it
+            write_suite(rows, header(rows, partial=True), out_dir)
+
     rows = run_suite(smoke=args.smoke, patterns=patterns, batch=args.batch, time_budget_s=args.time_budget_s,
                      own_processes=own_processes, peak_tflops=args.peak_tflops, measured=measured,
-                     refresh=args.refresh, compile_ahead=args.compile_ahead, log=lambda text: print(text, flush=True))
-    kept = sum(row in measured for row in rows)
-    header = suite_header(rows, smoke=args.smoke, time_budget_s=args.time_budget_s,
-                          elapsed_s=time.monotonic() - start, peak_tflops=args.peak_tflops, kept=kept,
-                          compile_ahead=args.compile_ahead)
-    print("\n" + "\n".join(header) + "\n\n" + suite_table(rows))
-    out_dir = args.out_dir or (None if args.smoke else "experiments/benchmarks")
+                     refresh=args.refresh, compile_ahead=args.compile_ahead, log=lambda text: print(text, flush=True),
+                     progress=save_partial if out_dir else None)
+    print("\n" + "\n".join(header(rows)) + "\n\n" + suite_table(rows))
     if out_dir:
-        print(f"wrote {write_suite(rows, header, out_dir)}")
+        print(f"wrote {write_suite(rows, header(rows), out_dir)}")
 
 
 if __name__ == "__main__":
