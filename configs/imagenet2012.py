@@ -10,6 +10,7 @@ view published top-1 figures are measured with (shorter side to 256, bicubic, ce
 squashing each image to 224 x 224 instead costs 1-3 points of top-1.
 """
 
+from hybrid_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from hybrid_jax.train.config import default_config, model_config
 
 
@@ -43,8 +44,7 @@ def get_config(arg: str | None = None):
     c.augment.randaug_magnitude = 9.0
     c.augment.mixup_alpha = 0.8
     c.augment.cutmix_alpha = 1.0
-    c.augment.mean = (0.485, 0.456, 0.406)
-    c.augment.std = (0.229, 0.224, 0.225)
+    c.augment.mean, c.augment.std = IMAGENET_MEAN, IMAGENET_STD
     c.dtype = "bfloat16"
     c.log_every = 100
     c.checkpoint_every = 5000

@@ -15,6 +15,7 @@ Tricks (arXiv 1903.07071): P x K = 16 x 4, ID loss with label smoothing through 
 triplet (margin 0.3) and center loss, Adam at 3.5e-4 with warmup, 120 epochs.
 """
 
+from hybrid_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from hybrid_jax.train.config import default_config, model_config
 
 
@@ -43,8 +44,7 @@ def get_config(arg: str | None = None):
     c.augment.random_resized_crop = True
     c.augment.crop_scale = (0.64, 1.0)
     c.augment.flip = True
-    c.augment.mean = (0.485, 0.456, 0.406)
-    c.augment.std = (0.229, 0.224, 0.225)
+    c.augment.mean, c.augment.std = IMAGENET_MEAN, IMAGENET_STD
     c.eval_at_start = True
     c.eval_every = 2000
     c.log_every = 100
