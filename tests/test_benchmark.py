@@ -309,15 +309,15 @@ ENTRY %main.9 () -> f32[] {
 """
 
 
+_STAT_IDS = {"hlo_op": 1, "hlo_module": 2, "kernel_annotation": 3}
+_EVENT_IDS = {"fusion.6": 1, "custom-call.2": 2, "loop_add_fusion": 3, "sm90_xmma_gemm_bf16": 4, "dot.1": 5}
+
+
 def _event(name: str, duration_us: int, stats: dict[str, str]) -> str:
     """An xplane event in text proto, with string stats."""
     entries = " ".join(f'stats {{ metadata_id: {_STAT_IDS[key]} str_value: "{value}" }}'
                        for key, value in stats.items())
     return f'events {{ metadata_id: {_EVENT_IDS[name]} duration_ps: {duration_us * 10**6} {entries} }}'
-
-
-_STAT_IDS = {"hlo_op": 1, "hlo_module": 2, "kernel_annotation": 3}
-_EVENT_IDS = {"fusion.6": 1, "custom-call.2": 2, "loop_add_fusion": 3, "sm90_xmma_gemm_bf16": 4, "dot.1": 5}
 
 
 def _trace(tmp_path, planes: dict[str, list[str]]):
